@@ -1,0 +1,185 @@
+"""The LightningModule around `LlavaModel`: the loss, the optimizer and schedule, sharding, and step logging.
+
+The next-token shift happens here and nowhere else: the data path emits unshifted labels
+(`labels[i]` is `input_ids[i]` or `IGNORE_INDEX`), the model returns logits only, and `next_token_loss`
+compares position `i`'s logits with label `i + 1`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llava_lit.constants import IGNORE_INDEX
+from llava_lit.sharding import ShardingConfig, shard_llava
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token `i + 1` from position `i`, over unmasked targets.
+
+    logits: [B, L, V]; labels: [B, L] unshifted, `IGNORE_INDEX` where no loss is wanted.
+    """
+    shifted_logits = logits[:, :-1].float().flatten(0, 1)  # [B*(L-1), V]; fp32 for a stable softmax
+    shifted_labels = labels[:, 1:].flatten()  # [B*(L-1)]
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
+
+
+def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]], *, weight_decay: float, projector_lr: float | None
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into decay/no-decay x projector/rest groups.
+
+    Biases and norm weights (every parameter with fewer than two dimensions) get no weight decay, as in
+    LLaVA's trainer. The projector groups get `projector_lr` when it is set (LLaVA's `mm_projector_lr`).
+    """
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        part = "projector" if name.startswith("projector.") or ".projector." in name else "model"
+        groups.setdefault((part, param.ndim >= 2), []).append(param)
+    out = []
+    for (part, decay), params in sorted(groups.items()):
+        group: dict[str, Any] = {
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{part}/{'decay' if decay else 'no_decay'}",
+        }
+        if part == "projector" and projector_lr is not None:
+            group["lr"] = projector_lr
+        out.append(group)
+    if not out:
+        raise ValueError("No trainable parameters: check the stage's freezing rule")
+    return out
+
+
+class LlavaLitModule(L.LightningModule):
+    """Trains a `LlavaModel` with next-token loss on assistant tokens.
+
+    Args:
+        model: the assembled vision tower + projector + LLM.
+        optimizer: a partial optimizer constructor (Hydra `_partial_: true`) taking parameter groups.
+        weight_decay: decay for matrices; biases and norms never decay.
+        projector_lr: separate learning rate for the projector, or None to use the optimizer's.
+        warmup_ratio: fraction of the optimizer steps spent in linear warmup.
+        min_lr_ratio: final learning rate as a fraction of the peak at the end of the cosine.
+        sharding: FSDP2 settings, used when the trainer's strategy provides a device mesh.
+        run_config: the resolved run configuration, stored in every checkpoint so inference and export
+            rebuild the model, tokenizer, template and image processing from it, never from a folder name.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        *,
+        weight_decay: float = 0.0,
+        projector_lr: float | None = None,
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        sharding: ShardingConfig | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.weight_decay = weight_decay
+        self.projector_lr = projector_lr
+        self.warmup_ratio = warmup_ratio
+        self.min_lr_ratio = min_lr_ratio
+        self.sharding = sharding or ShardingConfig()
+        self.run_config = run_config or {}
+        self._last_step_end: float | None = None
+
+    # -- model ----------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:  # ModelParallelStrategy (FSDP2) hands us a mesh: shard before optimizers exist
+            shard_llava(self.model, mesh["data_parallel"], self.sharding)
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")).logits
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = next_token_loss(self(batch), batch["labels"])
+        bsz = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = next_token_loss(self(batch), batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        # Throughput across all ranks, measured between consecutive batch ends (skips the first batch,
+        # which includes data-loader start-up).
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            dt = now - self._last_step_end
+            world = self.trainer.world_size
+            samples = batch["input_ids"].shape[0] * world
+            tokens = int(batch["attention_mask"].sum()) * world
+            self.log_dict(
+                {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt},
+                batch_size=batch["input_ids"].shape[0],
+            )
+        self._last_step_end = now
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm)
+        for group in optimizer.param_groups:
+            self.log(f"lr/{group['name']}", group["lr"])
+
+    # -- optimization ---------------------------------------------------------------------------------------
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, from `max_steps` or the datamodule's manifest-based epoch size."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        datamodule = trainer.datamodule
+        batches = getattr(datamodule, "train_batches_per_epoch", None)
+        if batches is None:
+            return int(trainer.estimated_stepping_batches)
+        if trainer.limit_train_batches is not None and isinstance(trainer.limit_train_batches, int):
+            batches = min(batches, trainer.limit_train_batches)
+        steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+        return steps_per_epoch * max(1, trainer.max_epochs or 1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(
+            self.model.named_parameters(), weight_decay=self.weight_decay, projector_lr=self.projector_lr
+        )
+        optimizer = self.optimizer_factory(groups)
+        total = self.total_optimizer_steps()
+        warmup = max(1, math.ceil(self.warmup_ratio * total)) if self.warmup_ratio > 0 else 0
+
+        def schedule(step: int) -> float:
+            return warmup_cosine(step, total_steps=total, warmup_steps=warmup, min_lr_ratio=self.min_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["llava_lit_config"] = self.run_config

@@ -1,0 +1,96 @@
+"""The stage handoff: a projector-only weights file written by `align` and read by `finetune`.
+
+`align` writes `projector.safetensors` (keys as in `projector.state_dict()`, e.g. `0.weight`, `2.bias`) next
+to its full resumable Lightning checkpoint. `finetune` loads it through `init_projector=PATH`, which also accepts
+the official LLaVA `mm_projector.bin` (keys `model.mm_projector.0.weight`, ..., or `model.mm_projector.weight`
+for `linear`): everything up to and including `mm_projector.` is stripped, as the official loader does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as plain CPU tensors, gathering FSDP2 shards (collective: call on every rank)."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def save_projector(projector: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the projector's weights as safetensors (fp32 kept as is) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(full_state_dict(projector), str(path), metadata=metadata or {})
+    return path
+
+
+def read_projector_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a projector file: our safetensors, or the official `mm_projector.bin` (a pickled dict of tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Projector weights not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        # weights_only refuses anything but tensors and plain containers: no arbitrary unpickling.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    out = {}
+    for key, value in state.items():
+        if "mm_projector." in key:
+            key = key.split("mm_projector.", 1)[1]
+        out[key] = value
+    return out
+
+
+def load_projector(projector: nn.Module, path: str | Path) -> None:
+    """Load weights into `projector` strictly, with a clear error when shapes or keys disagree."""
+    state = read_projector_weights(path)
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        raise ValueError(
+            f"Projector weights in {path} do not fit this model's projector.\n"
+            f"  model expects: {json.dumps(expected)}\n  file holds:    {json.dumps(found)}\n"
+            "Stage-1 weights only fit a model with the same projector type, vision width and LLM width."
+        )
+    with torch.no_grad():
+        for key, param in projector.state_dict().items():
+            param.copy_(state[key].to(param.dtype))
+    log.info("Loaded projector weights from %s (%d tensors)", path, len(state))
+
+
+class ProjectorExport(L.Callback):
+    """Writes `projector.safetensors` into the checkpoint folder whenever a checkpoint is saved and at the end."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weights = full_state_dict(pl_module.model.projector)  # collective under FSDP2: every rank gathers
+        if trainer.is_global_zero:
+            path = self.dirpath / PROJECTOR_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"global_step": str(trainer.global_step)}
+            save_file(weights, str(path), metadata=meta)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module)

@@ -1,0 +1,153 @@
+"""`python -m llava_lit.train`: compose the config, build tokenizer, model, data and trainer, and fit one stage.
+
+    python -m llava_lit.train stage=align
+    python -m llava_lit.train stage=finetune trainer=fsdp_8gpu
+    python -m llava_lit.train experiment=llava_v15_7b_align logger=wandb
+
+The default config trains on the offline miniature world, which is built on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llava_lit.module import LlavaLitModule
+from llava_lit.projector_io import load_projector
+from llava_lit.sharding import ShardingConfig
+from llava_lit.stages import StageFreezer
+from llava_lit.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Number of training processes the trainer config asks for (devices per node x nodes)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        per_node = len(devices)
+    elif str(devices) in ("auto", "-1") and trainer_cfg.get("accelerator") in ("gpu", "cuda"):
+        per_node = max(1, torch.cuda.device_count())
+    else:
+        per_node = int(devices) if str(devices).isdigit() else 1
+    return per_node * int(trainer_cfg.get("num_nodes", 1))
+
+
+def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Micro-batches per optimizer step so that micro x world x accumulation == global batch."""
+    per_step = micro_batch_size * world
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size x world size "
+            f"= {micro_batch_size} x {world} = {per_step}"
+        )
+    return global_batch_size // per_step
+
+
+def check_wandb(cfg: DictConfig) -> None:
+    """Fail at once, with instructions, when W&B would need an account that is not configured."""
+    uses_wandb = any("WandbLogger" in str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values())
+    if not uses_wandb or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError):
+        hosts = {}
+    if not any("wandb" in h or "coreweave" in h for h in hosts):
+        raise SystemExit(
+            "logger=wandb needs a W&B API key: run `wandb login` or set WANDB_API_KEY. "
+            "To log without an account, set WANDB_MODE=offline (upload later with `wandb sync`)."
+        )
+
+
+def uses_world(cfg: DictConfig) -> bool:
+    """True when the model or data config points into the miniature world's folder."""
+    world_dir = str(cfg.paths.world_dir)
+    resolved = json.dumps(OmegaConf.to_container(cfg.model, resolve=True)) + json.dumps(
+        OmegaConf.to_container(cfg.data, resolve=True)
+    )
+    return world_dir in resolved
+
+
+def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
+    """Tokenizer, model (with its starting projector), datamodule and LightningModule from the config."""
+    tokenizer_src = cfg.model.get("tokenizer_name_or_path") or cfg.model.language_model.name_or_path
+    tokenizer = load_tokenizer(tokenizer_src, model_max_length=cfg.data.max_length)
+    model = instantiate(cfg.model, tokenizer=tokenizer)
+    if cfg.init_projector and not cfg.ckpt_path:
+        path = Path(cfg.init_projector)
+        if not path.is_file():
+            raise SystemExit(
+                f"init_projector={path} does not exist. Run `python -m llava_lit.train stage=align` with the "
+                "same run_name first, point init_projector at a projector file (ours or an official "
+                "mm_projector.bin), or pass init_projector=null to start from a fresh projector."
+            )
+        load_projector(model.projector, path)
+    tower = model.vision_tower
+    datamodule = instantiate(
+        cfg.data,
+        tokenizer=tokenizer,
+        image_processor=tower.image_processor,
+        num_image_tokens=tower.num_image_tokens,
+    )
+    module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
+    module = LlavaLitModule(
+        model,
+        instantiate(cfg.optimizer),
+        weight_decay=module_cfg["weight_decay"],
+        projector_lr=module_cfg["projector_lr"],
+        warmup_ratio=module_cfg["warmup_ratio"],
+        min_lr_ratio=module_cfg["min_lr_ratio"],
+        sharding=ShardingConfig(**module_cfg["sharding"]),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return module, datamodule
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers."""
+    callbacks: list[L.Callback] = [StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower)]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    accumulate = gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, accumulate_grad_batches=accumulate)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one stage; returns the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    check_wandb(cfg)
+    if uses_world(cfg):
+        from llava_lit.world.build import WorldConfig, ensure_world
+
+        ensure_world(
+            Path(cfg.paths.world_dir), WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True))
+        )
+    module, datamodule = build_components(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    metrics = train(cfg)
+    log.info("final metrics: %s", json.dumps(metrics, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
