@@ -1,0 +1,202 @@
+"""Settings of the offline miniature world: one dataclass, so a build is fully described (and fingerprinted) by it.
+
+`WorldConfig()` is the default world that `stage=align`/`stage=finetune` train on; `WorldConfig.ci()` is the same
+world in miniature (fewer scenes, smaller backbones, fewer steps) for tests and CI. Both go through the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+WORLD_FORMAT_VERSION = 1
+"""Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
+
+
+def _default_palette() -> dict[str, list[int]]:
+    return {
+        "red": [220, 38, 38],
+        "green": [34, 160, 60],
+        "blue": [37, 84, 225],
+        "yellow": [242, 208, 34],
+        "purple": [140, 58, 190],
+        "orange": [245, 136, 28],
+    }
+
+
+def _default_backgrounds() -> dict[str, list[int]]:
+    # Neutral tones only, so no background can be mistaken for an object's color.
+    return {
+        "white": [246, 246, 246],
+        "light gray": [196, 196, 196],
+        "gray": [128, 128, 128],
+        "dark gray": [64, 64, 64],
+        "black": [18, 18, 18],
+        "beige": [232, 220, 190],
+    }
+
+
+@dataclass
+class WorldConfig:
+    """Everything that determines a world build; two builds with equal configs are identical."""
+
+    seed: int = 0
+    """Seed of every random choice: scenes, dialogues, backbone initialisation and batch order."""
+
+    image_size: int = 96
+    """Side of the square rendered images in pixels (and the CLIP tower's input size)."""
+
+    patch_size: int = 12
+    """CLIP patch size; (image_size / patch_size)^2 is the number of image tokens the LLaVA sees (64 here)."""
+
+    shape_sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.11, "large": 0.15})
+    """Named object sizes as a fraction of the image width (extent of the shape's bounding box)."""
+
+    position_jitter: float = 0.04
+    """Random offset of an object's centre from its slot centre, as a fraction of the image width."""
+
+    palette: dict[str, list[int]] = field(default_factory=_default_palette)
+    """Object colors: name -> RGB. Names are the words used in captions, questions and answers."""
+
+    backgrounds: dict[str, list[int]] = field(default_factory=_default_backgrounds)
+    """Background colors: name -> RGB (neutral, distinct from the palette)."""
+
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    """Shape names; each must have a renderer in `scenes.py`."""
+
+    max_objects: int = 3
+    """Scenes hold 1..max_objects objects, each in its own position slot and with its own color."""
+
+    n_train_scenes: int = 6000
+    """Scenes rendered for training (stage-1 captions and stage-2 instructions share them)."""
+
+    n_val_scenes: int = 200
+    """Scenes for the validation shards (`val_align`, `val_finetune`)."""
+
+    n_eval_scenes: int = 400
+    """Held-out scenes for `eval/`: their object layouts never occur in the training scenes."""
+
+    eval_questions_per_type: int = 100
+    """Held-out questions per question type (fewer if the held-out scenes cannot supply that many)."""
+
+    text_only_fraction: float = 0.05
+    """Share of stage-2 records that are text-only (no image), as in LLaVA's mixed instruction data."""
+
+    detail_fraction: float = 0.3
+    """Probability that a training scene also gets a detailed-description record in stage 2."""
+
+    complex_fraction: float = 0.6
+    """Probability that a training scene also gets a complex-reasoning record in stage 2."""
+
+    conversation_turns: int = 4
+    """Question/answer turns in each stage-2 conversation record (fewer if the scene offers fewer questions)."""
+
+    samples_per_shard: int = 2000
+    """Samples per WebDataset shard written by the converter."""
+
+    tokenizer_vocab_size: int = 512
+    """Sentencepiece vocabulary (incl. 256 byte-fallback pieces and <unk>/<s>/</s>); an upper bound."""
+
+    clip_hidden_size: int = 128
+    """Width of both CLIP towers."""
+
+    clip_layers: int = 4
+    """Depth of the CLIP vision tower (the text tower uses half, at least 1)."""
+
+    clip_heads: int = 4
+    """Attention heads of both CLIP towers."""
+
+    clip_steps: int = 700
+    """Contrastive pretraining steps of the tiny CLIP."""
+
+    clip_batch_size: int = 128
+    """Image-caption pairs per contrastive step (the in-batch negatives)."""
+
+    clip_lr: float = 1e-3
+    """Peak AdamW learning rate of the CLIP pretraining (cosine decay after a short warm-up)."""
+
+    llm_hidden_size: int = 256
+    """Width of the tiny LLaMA."""
+
+    llm_layers: int = 4
+    """Decoder layers of the tiny LLaMA."""
+
+    llm_heads: int = 4
+    """Attention heads (and key/value heads) of the tiny LLaMA."""
+
+    llm_max_positions: int = 512
+    """Context length of the tiny LLaMA (image tokens + text must fit in it)."""
+
+    llm_steps: int = 500
+    """Causal-LM pretraining steps of the tiny LLaMA."""
+
+    llm_batch_size: int = 32
+    """Packed sequences per LM step."""
+
+    llm_block_size: int = 128
+    """Tokens per packed LM training sequence."""
+
+    llm_lr: float = 2e-3
+    """Peak AdamW learning rate of the LM pretraining (cosine decay after a short warm-up)."""
+
+    torch_threads: int = 2
+    """CPU threads for backbone pretraining."""
+
+    @classmethod
+    def ci(cls, **overrides: object) -> WorldConfig:
+        """The same world in miniature for tests and CI: builds in well under a minute on 2 cores."""
+        small = dict(
+            n_train_scenes=400,
+            n_val_scenes=40,
+            n_eval_scenes=60,
+            eval_questions_per_type=12,
+            clip_hidden_size=64,
+            clip_layers=2,
+            clip_steps=40,
+            clip_batch_size=64,
+            llm_hidden_size=64,
+            llm_layers=2,
+            llm_steps=40,
+            llm_batch_size=16,
+            samples_per_shard=300,
+        )
+        small.update(overrides)
+        return cls(**small)  # type: ignore[arg-type]
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Patch tokens the CLIP tower yields per image (CLS excluded), i.e. what one `<image>` expands to."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        """Raise `ValueError` for settings that cannot produce a sensible world."""
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if not 1 <= self.max_objects <= 5:
+            raise ValueError(f"max_objects must be in 1..5 (one per position slot), got {self.max_objects}")
+        if len(self.palette) < self.max_objects:
+            raise ValueError(
+                "the palette needs at least max_objects colors (colors are distinct within a scene)"
+            )
+        unknown = set(self.shapes) - {"circle", "square", "triangle"}
+        if unknown:
+            raise ValueError(f"no renderer for shapes {sorted(unknown)}")
+        clash = set(self.palette) & set(self.backgrounds)
+        if clash:
+            raise ValueError(f"names used both as object and background colors: {sorted(clash)}")
+        for name, frac in self.shape_sizes.items():
+            if not 0.05 <= frac <= 0.25:
+                raise ValueError(f"shape size {name}={frac} outside 0.05..0.25 of the image width")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the config and the build format: a cached world is reused only if this matches."""
+        payload = json.dumps({"v": WORLD_FORMAT_VERSION, "cfg": self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,373 @@
+"""Text of the miniature world, derived from scene ground truth: captions, instructions, questions, answers.
+
+Mirrors LLaVA's data: stage-1 caption records, stage-2 instruction records of the paper's three response
+types (multi-turn conversation, detailed description, complex reasoning) plus text-only records, the held-out
+evaluation questions with their gold keys, and the text corpus the tiny LLaMA and tokenizer are trained on.
+Every answer is a short sentence containing its key word, so `score.py` can check it strictly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.world.config import WorldConfig
+from llava_lit.world.scenes import SLOTS, Scene, SceneObject
+
+SLOT_ORDER = ["top", "left", "center", "right", "bottom"]
+"""Reading order in which captions and descriptions list a scene's objects."""
+
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+# The Vicuna v1 system prompt that stage 2 renders before every conversation. It is part of the LM/tokenizer
+# corpus so that it tokenizes into a few pieces (not ~150 byte-fallback tokens) and the tiny LLaMA knows it.
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+BRIEF_PROMPTS = [
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Give a short caption of the picture.",
+    "Summarize the visual content of the image.",
+    "What is in this picture?",
+]
+"""Stage-1 instructions (the `plain` template drops them, other templates keep them)."""
+
+DETAIL_PROMPTS = [
+    "Describe the image in detail.",
+    "Give a detailed description of the picture.",
+    "What do you see in this image? Describe it thoroughly.",
+    "Explain the contents of the image in detail.",
+]
+
+CONVERSATION_TYPES = ["color", "shape", "count", "exist", "position"]
+"""Question types of multi-turn conversations (the work item's required forms)."""
+
+REASONING_TYPES = ["closest", "remove"]
+"""Complex-reasoning question types."""
+
+QUESTION_TYPES = CONVERSATION_TYPES + REASONING_TYPES
+"""Every scored question type, in report order."""
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question about a scene with its gold answer."""
+
+    category: str
+    """Question type, one of `QUESTION_TYPES`."""
+
+    question: str
+    """The question text (without `<image>`)."""
+
+    answer: str
+    """The gold answer: a short sentence containing `key`."""
+
+    key: str
+    """What a correct answer must name: a color, shape, digit, yes/no, slot, or "color shape"."""
+
+    candidates: tuple[str, ...]
+    """Every key a guess could name for this question (its size gives the chance level)."""
+
+
+def article(word: str) -> str:
+    """'a' or 'an' for the word that follows."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def noun_phrase(obj: SceneObject, with_size: bool = False) -> str:
+    """'a red circle' / 'an orange small square' style phrase."""
+    words = ([obj.size] if with_size else []) + [obj.color, obj.shape]
+    return f"{article(words[0])} {' '.join(words)}"
+
+
+def ordered(scene: Scene) -> list[SceneObject]:
+    """The scene's objects in reading order (`SLOT_ORDER`)."""
+    return sorted(scene.objects, key=lambda o: SLOT_ORDER.index(o.position))
+
+
+def join_words(items: list[str]) -> str:
+    """'x', 'x and y', 'x, y and z'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(scene: Scene) -> str:
+    """Stage-1 caption, e.g. 'a red circle on the left and a blue square on the right'."""
+    return join_words([f"{noun_phrase(o)} {POSITION_PHRASES[o.position]}" for o in ordered(scene)])
+
+
+def detailed_description(scene: Scene) -> str:
+    """Several sentences: count, background, then each object with size, color, shape and position."""
+    n = len(scene.objects)
+    head = f"The image shows {n} {'shape' if n == 1 else 'shapes'} on a {scene.background} background."
+    parts = [
+        f"There is {noun_phrase(o, with_size=True)} {POSITION_PHRASES[o.position]}." for o in ordered(scene)
+    ]
+    return " ".join([head, *parts])
+
+
+def count_sentence(n: int, verb_phrase: str = "") -> str:
+    """'There are 3 shapes.' style answer with the count as a digit."""
+    return f"There {'is' if n == 1 else 'are'} {n} {'shape' if n == 1 else 'shapes'}{verb_phrase}."
+
+
+def conversation_qas(scene: Scene, cfg: WorldConfig, rng: random.Random) -> dict[str, list[QA]]:
+    """Every unambiguous question of each conversation type the scene supports."""
+    colors, shapes = tuple(sorted(cfg.palette)), tuple(cfg.shapes)
+    shape_counts = {s: sum(o.shape == s for o in scene.objects) for s in cfg.shapes}
+    out: dict[str, list[QA]] = {t: [] for t in CONVERSATION_TYPES}
+    for o in scene.objects:
+        if shape_counts[o.shape] == 1:  # "the circle" must name one object
+            out["color"].append(
+                QA("color", f"What color is the {o.shape}?", f"The {o.shape} is {o.color}.", o.color, colors)
+            )
+        out["shape"].append(
+            QA(
+                "shape",
+                f"What shape is the {o.color} object?",
+                f"The {o.color} object is a {o.shape}.",
+                o.shape,
+                shapes,
+            )
+        )
+        out["position"].append(
+            QA(
+                "position",
+                f"Where is the {o.color} {o.shape}?",
+                f"The {o.color} {o.shape} is {POSITION_PHRASES[o.position]}.",
+                o.position,
+                tuple(SLOTS),
+            )
+        )
+    n = len(scene.objects)
+    counts = tuple(str(i) for i in range(1, cfg.max_objects + 1))
+    out["count"].append(QA("count", "How many shapes are there?", count_sentence(n), str(n), counts))
+    out["exist"].append(exist_qa(scene, cfg, rng))
+    return out
+
+
+def exist_qa(scene: Scene, cfg: WorldConfig, rng: random.Random) -> QA:
+    """'Is there a {color} {shape}?': yes or no with equal odds; half the no's share a color or shape with an object."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+        return QA(
+            "exist",
+            f"Is there {article(color)} {color} {shape}?",
+            f"Yes, there is {article(color)} {color} {shape}.",
+            "yes",
+            ("yes", "no"),
+        )
+    absent = [(c, s) for c in sorted(cfg.palette) for s in cfg.shapes if (c, s) not in present]
+    near = [(c, s) for c, s in absent if any(c == o.color or s == o.shape for o in scene.objects)]
+    color, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
+    return QA(
+        "exist",
+        f"Is there {article(color)} {color} {shape}?",
+        f"No, there is no {color} {shape}.",
+        "no",
+        ("yes", "no"),
+    )
+
+
+def reasoning_qas(scene: Scene, cfg: WorldConfig) -> dict[str, list[QA]]:
+    """Complex-reasoning questions: which object is closest to a side; how many remain if one is removed."""
+    out: dict[str, list[QA]] = {t: [] for t in REASONING_TYPES}
+    objs = scene.objects
+    if len(objs) >= 2:
+        names = tuple(f"{o.color} {o.shape}" for o in objs)
+        for side, (axis, sign) in {
+            "top": (1, 1),
+            "bottom": (1, -1),
+            "left": (0, 1),
+            "right": (0, -1),
+        }.items():
+            # Distance to the side by slot centre; asked only when one object is strictly closest.
+            dist = [sign * SLOTS[o.position][axis] for o in objs]
+            best = min(dist)
+            if dist.count(best) != 1:
+                continue
+            o = objs[dist.index(best)]
+            out["closest"].append(
+                QA(
+                    "closest",
+                    f"Which shape is closest to the {side}?",
+                    f"The {o.color} {o.shape} is closest to the {side}.",
+                    f"{o.color} {o.shape}",
+                    names,
+                )
+            )
+    remaining = tuple(str(i) for i in range(cfg.max_objects))
+    for o in objs:
+        left = len(objs) - 1
+        out["remove"].append(
+            QA(
+                "remove",
+                f"If the {o.color} shape were removed, how many shapes would remain?",
+                f"Without the {o.color} {o.shape}, {left} {'shape' if left == 1 else 'shapes'} would remain.",
+                str(left),
+                remaining,
+            )
+        )
+    return out
+
+
+def all_qas(scene: Scene, cfg: WorldConfig, rng: random.Random) -> dict[str, list[QA]]:
+    """Conversation and reasoning questions of one scene, by type."""
+    return {**conversation_qas(scene, cfg, rng), **reasoning_qas(scene, cfg)}
+
+
+def _turns(qas: list[QA], first_prefix: str) -> list[dict]:
+    turns = []
+    for i, qa in enumerate(qas):
+        turns.append({"from": "human", "value": (first_prefix if i == 0 else "") + qa.question})
+        turns.append({"from": "gpt", "value": qa.answer})
+    return turns
+
+
+def align_record(scene: Scene, image: str, rng: random.Random) -> dict:
+    """Stage-1 LLaVA record: a brief-description instruction and the caption."""
+    return {
+        "id": f"align-{scene.scene_id}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(BRIEF_PROMPTS)}"},
+            {"from": "gpt", "value": caption(scene)},
+        ],
+    }
+
+
+def finetune_records(scene: Scene, image: str, cfg: WorldConfig, rng: random.Random) -> list[dict]:
+    """Stage-2 LLaVA records of one scene: a conversation, maybe a detailed description and a reasoning turn."""
+    prefix = f"{IMAGE_TOKEN}\n"
+    conv = conversation_qas(scene, cfg, rng)
+    types = [t for t in CONVERSATION_TYPES if conv[t]]
+    rng.shuffle(types)
+    picked = [rng.choice(conv[t]) for t in types[: cfg.conversation_turns]]
+    records = [{"id": f"conv-{scene.scene_id}", "image": image, "conversations": _turns(picked, prefix)}]
+    if rng.random() < cfg.detail_fraction:
+        detail = [
+            {"from": "human", "value": prefix + rng.choice(DETAIL_PROMPTS)},
+            {"from": "gpt", "value": detailed_description(scene)},
+        ]
+        records.append({"id": f"detail-{scene.scene_id}", "image": image, "conversations": detail})
+    reasoning = [qa for qas in reasoning_qas(scene, cfg).values() for qa in qas]
+    if reasoning and rng.random() < cfg.complex_fraction:
+        picked = rng.sample(reasoning, k=min(2, len(reasoning)))
+        records.append(
+            {"id": f"complex-{scene.scene_id}", "image": image, "conversations": _turns(picked, prefix)}
+        )
+    return records
+
+
+def text_only_qas(cfg: WorldConfig, rng: random.Random) -> list[tuple[str, str]]:
+    """General questions about the world that need no image (LLaVA mixes in text-only instruction data)."""
+    sides = {
+        "circle": "A circle has no corners; it is round.",
+        "square": "A square has 4 sides.",
+        "triangle": "A triangle has 3 sides.",
+    }
+    opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+    qas = [(f"How many sides does {article(s)} {s} have?", sides[s]) for s in cfg.shapes]
+    qas += [(f"What is the opposite of {a}?", f"The opposite of {a} is {b}.") for a, b in opposite.items()]
+    qas += [
+        (
+            "Which colors can the shapes have?",
+            f"The shapes can be {join_words(sorted(cfg.palette)).replace(' and ', ' or ')}.",
+        ),
+        (
+            "Which shapes can appear in a picture?",
+            f"A picture can show {join_words([s + 's' for s in cfg.shapes])}.",
+        ),
+    ]
+    qas += [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(4) for b in range(4)]
+    qas += [(f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.") for a in range(4) for b in range(a + 1)]
+    rng.shuffle(qas)
+    return qas
+
+
+def text_only_records(n: int, cfg: WorldConfig, rng: random.Random) -> list[dict]:
+    """`n` text-only stage-2 records (no `image` field), one or two turns each."""
+    pool = text_only_qas(cfg, rng)
+    records = []
+    for i in range(n):
+        qas = rng.sample(pool, k=rng.choice([1, 2]))
+        turns = []
+        for q, a in qas:
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        records.append({"id": f"text-{i:06d}", "conversations": turns})
+    return records
+
+
+def eval_questions(
+    scenes: list[Scene], cfg: WorldConfig, rng: random.Random
+) -> tuple[list[dict], list[dict]]:
+    """Held-out questions (official LLaVA question format) and their gold answers, `eval_questions_per_type` per type.
+
+    Per type, at most one question per scene is taken, from scenes in shuffled order, so each type's questions
+    are spread over as many scenes as possible.
+    """
+    per_scene = [(s, all_qas(s, cfg, rng)) for s in scenes]
+    questions, gold = [], []
+    for category in QUESTION_TYPES:
+        order = list(range(len(per_scene)))
+        rng.shuffle(order)
+        taken = 0
+        for i in order:
+            scene, qas = per_scene[i]
+            if taken == cfg.eval_questions_per_type:
+                break
+            if not qas[category]:
+                continue
+            qa = rng.choice(qas[category])
+            qid = len(questions)
+            image = f"{scene.scene_id}.png"
+            questions.append({"question_id": qid, "image": image, "text": qa.question, "category": category})
+            gold.append(
+                {
+                    "question_id": qid,
+                    "category": category,
+                    "image": image,
+                    "scene_id": scene.scene_id,
+                    "question": qa.question,
+                    "answer": qa.answer,
+                    "key": qa.key,
+                    "candidates": list(qa.candidates),
+                }
+            )
+            taken += 1
+    return questions, gold
+
+
+def lm_documents(scenes: list[Scene], cfg: WorldConfig, rng: random.Random) -> list[list[str]]:
+    """Text-only documents for the tokenizer and the tiny LLaMA: each a list of segments that end with EOS.
+
+    Captions, detailed descriptions and the questions/answers of every type, with the chats rendered as the
+    Vicuna v1 template renders them (system prompt, "USER: ... ASSISTANT: ...", EOS after each answer).
+    """
+    docs: list[list[str]] = []
+    for scene in scenes:
+        docs.append([caption(scene)])
+        docs.append([detailed_description(scene)])
+        qas = [qa for group in all_qas(scene, cfg, rng).values() for qa in group]
+        rng.shuffle(qas)
+        qas = qas[: cfg.conversation_turns]
+        docs.append(
+            [f"{VICUNA_SYSTEM} USER: {qas[0].question} ASSISTANT: {qas[0].answer}"]
+            + [f"USER: {qa.question} ASSISTANT: {qa.answer}" for qa in qas[1:]]
+        )
+    for q, a in text_only_qas(cfg, rng):
+        docs.append([f"{VICUNA_SYSTEM} USER: {q} ASSISTANT: {a}"])
+    rng.shuffle(docs)
+    return docs
