@@ -1,0 +1,192 @@
+"""`LlavaModel`: vision tower -> projector -> splice into the token embeddings -> language model.
+
+The data pipeline has already expanded every `<image>` into `num_image_tokens` copies of `image_token_id`; the
+splice overwrites exactly those positions with projected image features, the k-th run (in row-major order of
+`input_ids`) taking the k-th image of `pixel_values`. Nothing is re-padded or re-ordered, so attention masks,
+labels and position ids computed by the data pipeline stay valid, and a batch without images never touches the
+vision tower (the official code pushes a zero image through CLIP for text-only batches).
+
+The model returns logits only: the loss, with its single label shift, belongs to the LightningModule.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.model.language_model import (
+    LanguageModelConfig,
+    build_language_model,
+    resize_embeddings_for_tokenizer,
+)
+from llava_lit.model.projector import build_projector
+from llava_lit.model.vision_tower import VisionTower, VisionTowerConfig, build_vision_tower
+
+
+class LlavaModel(nn.Module):
+    """A LLaVA vision-language model over a HF causal LM.
+
+    Submodules: `vision_tower` (`VisionTower`), `projector` (`nn.Linear` / `nn.Sequential` / `nn.Identity`),
+    `language_model` (the HF `*ForCausalLM`). `decoder_layers` and `vision_tower.blocks` are the units to wrap for
+    FSDP and activation checkpointing.
+    """
+
+    def __init__(
+        self,
+        vision_tower: VisionTower,
+        projector: nn.Module,
+        language_model: PreTrainedModel,
+        image_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = int(image_token_id)
+        vocab = language_model.get_input_embeddings().weight.shape[0]
+        if not 0 <= self.image_token_id < vocab:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is outside the language model's {vocab} embeddings; "
+                "resize the embeddings for the tokenizer first"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image that the data pipeline must emit."""
+        return self.vision_tower.num_image_tokens
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's transformer blocks (for FSDP wrapping / activation checkpointing)."""
+        return self.language_model.get_decoder().layers
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images -> projected features in the projector's dtype."""
+        # pixel_values: [N, 3, H, W]
+        features = self.vision_tower(pixel_values)  # [N, T, C_vision], tower dtype (may be bf16)
+        proj_param = next(self.projector.parameters(), None)
+        if proj_param is not None:
+            features = features.to(proj_param.dtype)
+        return self.projector(features)  # [N, T, D]
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with every image-placeholder run replaced by that image's projected features.
+
+        Raises `ValueError` when the number of placeholder positions does not equal
+        `len(pixel_values) * num_image_tokens`, or when a run is cut (not `num_image_tokens` consecutive positions
+        in one row).
+        """
+        # input_ids: [B, L]
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # [B, L, D]
+        image_mask = input_ids == self.image_token_id  # [B, L]
+        n_positions = int(image_mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        per_image = self.num_image_tokens
+        if n_positions != n_images * per_image:
+            raise ValueError(
+                f"the batch has {n_positions} image-token positions (id {self.image_token_id}) but {n_images} "
+                f"images x {per_image} tokens per image = {n_images * per_image}; the data pipeline must expand "
+                "each <image> into num_image_tokens placeholders and pass one image per run"
+            )
+        if n_images == 0:
+            return embeds
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be [N, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        self._check_image_runs(image_mask, per_image)
+        features = self.encode_images(pixel_values)  # [N, T, D]
+        # masked_scatter fills the True positions in row-major order: run k <- image k.
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))  # [B, L, D]
+
+    @staticmethod
+    def _check_image_runs(image_mask: torch.Tensor, per_image: int) -> None:
+        """Every consecutive group of `per_image` placeholder positions must be one unbroken run in one row."""
+        seq_len = image_mask.shape[1]
+        positions = image_mask.flatten().nonzero().squeeze(1).view(-1, per_image)  # [N, T] flat indices
+        first, last = positions[:, 0], positions[:, -1]
+        unbroken = (last - first == per_image - 1) & (first // seq_len == last // seq_len)
+        if not bool(unbroken.all()):
+            bad = int((~unbroken).nonzero()[0, 0])
+            raise ValueError(
+                f"image-token run {bad} is not {per_image} consecutive positions in one row (row "
+                f"{int(first[bad]) // seq_len}); was a sequence truncated inside an image?"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> CausalLMOutputWithPast:
+        """Logits for `input_ids` (no loss).
+
+        With a KV cache, `input_ids` holds only the new tokens while `attention_mask` covers the cached and the
+        new ones (`[B, past + L]`). Default `position_ids` follow HF's left-padding convention:
+        `attention_mask.cumsum(-1) - 1`, clamped at 0, so a left-padded row gets the same positions as unpadded.
+        """
+        # input_ids: [B, L]; attention_mask: [B, past + L]; pixel_values: [N, 3, H, W] | None
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values)  # [B, L, D]
+        if position_ids is None:
+            seq_len = input_ids.shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # [B, L]
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,  # transformers 5 renamed the argument `past_key_values` -> `cache`
+            use_cache=use_cache,
+        )  # logits: [B, L, V]
+
+
+def image_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of `<image>` in `tokenizer`, with a clear error when the tokenizer was loaded without it."""
+    vocab = tokenizer.get_vocab()
+    if IMAGE_TOKEN not in vocab:
+        raise ValueError(
+            f"the tokenizer has no {IMAGE_TOKEN!r} token; load it with llava_lit.tokenization.load_tokenizer"
+        )
+    return int(vocab[IMAGE_TOKEN])
+
+
+def build_llava(
+    *,
+    vision_tower: VisionTowerConfig | dict[str, Any],
+    projector: str,
+    language_model: LanguageModelConfig | dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device | None = None,
+    tokenizer_name_or_path: str | None = None,
+) -> LlavaModel:
+    """Build a `LlavaModel` (the Hydra target of `conf/model/*.yaml`).
+
+    `device="meta"` builds the real-size architecture without memory or weights (configs come from
+    `config_path` / the checkpoints' `config.json`), for parameter counting and deferred FSDP init. Any other
+    device loads on the CPU and then moves there. `tokenizer_name_or_path` is read by the caller that loads the
+    tokenizer (falling back to `language_model.name_or_path`); it is accepted here only so the model config node
+    can be instantiated as is.
+    """
+    del tokenizer_name_or_path  # consumed by the tokenizer loader, see docstring
+    if isinstance(vision_tower, dict):
+        vision_tower = VisionTowerConfig(**vision_tower)
+    if isinstance(language_model, dict):
+        language_model = LanguageModelConfig(**language_model)
+    image_token_id = image_token_id_of(tokenizer)
+    on_meta = device is not None and torch.device(device).type == "meta"
+    with torch.device("meta") if on_meta else nullcontext():
+        tower = build_vision_tower(vision_tower, on_meta=on_meta)
+        lm = build_language_model(language_model, on_meta=on_meta)
+        resize_embeddings_for_tokenizer(lm, len(tokenizer), language_model.pad_vocab_to_multiple_of)
+        proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
+    model = LlavaModel(tower, proj, lm, image_token_id)
+    if device is not None and not on_meta:
+        model.to(device)
+    return model
