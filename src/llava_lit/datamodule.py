@@ -1,0 +1,509 @@
+"""`LlavaDataModule`: streams WebDataset shards into padded batches with exact, equal per-rank epochs.
+
+Each epoch is planned from the manifests alone: every source's shard list is shuffled with `(seed, epoch)`,
+repeated or cut to its mixing weight, and the sources' shards are interleaved. The plan is one list of
+`(shard, first sample, end sample)` segments; rank r of W takes the r-th of W equal contiguous ranges of it,
+and worker k of that rank the k-th sub-range. So every rank gets exactly the same number of samples and
+batches (uneven splits hang DDP), no sample is read twice in an epoch, several ranks or workers may share
+one shard (fewer shards than workers is fine), and the epoch length is known in `setup()` without scanning.
+
+Inside a worker, raw samples pass a seeded shuffle buffer, then are decoded explicitly (JSON, PIL), encoded
+(`tokenization.encode_conversation`) and batched (`collate.collate`). A sample that must be skipped (no
+buildable mask, undecodable image) is counted per reason and logged; to keep batch counts equal the worker
+then repeats one of its earlier samples at the end of its share (counted as `repeated_to_fill`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from llava_lit.collate import collate
+from llava_lit.images import DEFAULT_MAX_PIXELS, IMAGE_SKIP_REASONS, ImageDecodeError, ImageLoader
+from llava_lit.shards import iter_raw_samples, parse_sample, read_manifest
+from llava_lit.tokenization import SKIP_REASONS, SkipSample, encode_conversation
+
+log = logging.getLogger(__name__)
+
+COUNTER_KEYS = (*SKIP_REASONS, *IMAGE_SKIP_REASONS, "bad_sample", "repeated_to_fill")
+"""Keys of `LlavaDataModule.skip_counts`: every skip reason, plus samples repeated to keep ranks equal."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples `[start, stop)` (in tar order) of one shard."""
+
+    path: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Source:
+    """One shard folder in a mix."""
+
+    name: str
+    """Source name (from the manifest)."""
+    weight: float
+    """Per-epoch multiplier of the source's samples: 1 = each once, 0.5 = a fresh random half, 2 = twice."""
+    shards: tuple[tuple[str, int], ...]
+    """(shard path, sample count) pairs."""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(count for _, count in self.shards)
+
+    @property
+    def epoch_samples(self) -> int:
+        return round(self.weight * self.num_samples)
+
+
+def plan_epoch(sources: Sequence[Source], *, seed: int, epoch: int, shuffle: bool) -> list[Segment]:
+    """The epoch's ordered segments: each source repeated/cut to its weight, shards shuffled and interleaved."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    segments: list[Segment] = []
+    for source in sources:
+        wanted = source.epoch_samples
+        while wanted > 0:
+            order = list(source.shards)
+            if shuffle:
+                rng.shuffle(order)
+            for path, count in order:
+                take = min(count, wanted)
+                if take > 0:
+                    segments.append(Segment(path, 0, take))
+                wanted -= take
+    if shuffle:
+        rng.shuffle(segments)
+    return segments
+
+
+def slice_segments(segments: Sequence[Segment], start: int, stop: int) -> list[Segment]:
+    """The segments covering positions `[start, stop)` of the concatenated plan, cut at the ends."""
+    out = []
+    position = 0
+    for seg in segments:
+        lo, hi = max(start, position), min(stop, position + len(seg))
+        if lo < hi:
+            out.append(Segment(seg.path, seg.start + lo - position, seg.start + hi - position))
+        position += len(seg)
+        if position >= stop:
+            break
+    return out
+
+
+def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """`[start, stop)` of part `index` when `total` items are split into `parts` near-equal contiguous parts."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+class SkipCounter:
+    """Per-reason counters shared by the DataLoader workers and the main process (a shared-memory array)."""
+
+    def __init__(self) -> None:
+        self._values = multiprocessing.get_context().Array("q", len(COUNTER_KEYS))
+
+    def add(self, key: str, count: int = 1) -> None:
+        with self._values.get_lock():
+            self._values[COUNTER_KEYS.index(key)] += count
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in zip(COUNTER_KEYS, self._values[:], strict=True)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The array can only travel to a process being started (a DataLoader worker); any other copy (a deepcopy,
+        # a checkpoint) gets fresh local counters instead of a pickling error.
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return {"_values": self._values}
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_values" in state:
+            self._values = state["_values"]
+        else:
+            self.__init__()
+
+
+@dataclass
+class SampleEncoder:
+    """Raw shard sample → training sample (`id`, `input_ids`, `labels`, `pixel_values` or None)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_loader: ImageLoader
+    template: str
+    num_image_tokens: int
+    max_length: int
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        record, image_bytes = parse_sample(raw)
+        # Tokenize first: it is cheap, and a skipped sample then costs no image decode.
+        encoded = encode_conversation(
+            record["conversations"],
+            tokenizer=self.tokenizer,
+            template=self.template,
+            num_image_tokens=self.num_image_tokens,
+            max_length=self.max_length,
+            num_images=len(image_bytes),
+        )
+        pixel_values = torch.stack([self.image_loader(b) for b in image_bytes]) if image_bytes else None
+        return {
+            "id": str(record["id"]),
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "pixel_values": pixel_values,  # [n_images, 3, H, W] or None
+        }
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank's share of an epoch plan, split over the DataLoader's workers."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        *,
+        encoder: Callable[[dict[str, Any]], dict[str, Any]],
+        pad_token_id: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        counter: SkipCounter,
+    ) -> None:
+        self.sources = list(sources)
+        self.encoder = encoder
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.counter = counter
+        self.epoch = 0
+        self.num_workers = 1
+        """Set by the DataModule to the DataLoader's worker count, so `len()` is right before iterating."""
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples in one epoch over all ranks (before the equal split)."""
+        return sum(s.epoch_samples for s in self.sources)
+
+    @property
+    def rank_samples(self) -> int:
+        """Samples this rank yields per epoch (the same on every rank)."""
+        return self.epoch_samples // self.world_size
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch: each worker batches its own share, the last batch may be short."""
+        workers = max(1, self.num_workers)
+        return sum(
+            math.ceil((hi - lo) / self.batch_size)
+            for lo, hi in (split_range(self.rank_samples, workers, w) for w in range(workers))
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose plan the next iteration reads."""
+        self.epoch = epoch
+
+    def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
+        """The segments read by `worker` of this rank in the current epoch."""
+        plan = plan_epoch(self.sources, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+        rank_lo = self.rank * self.rank_samples
+        lo, hi = split_range(self.rank_samples, num_workers, worker)
+        return slice_segments(plan, rank_lo + lo, rank_lo + hi)
+
+    def _raw_samples(self, segments: Sequence[Segment], rng: random.Random) -> Iterator[dict[str, Any]]:
+        def read() -> Iterator[dict[str, Any]]:
+            for seg in segments:
+                for i, raw in enumerate(iter_raw_samples(seg.path)):
+                    if i >= seg.stop:
+                        break
+                    if i >= seg.start:
+                        yield raw
+
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from read()
+            return
+        buffer: list[dict[str, Any]] = []
+        for raw in read():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(raw)
+                continue
+            k = rng.randrange(len(buffer))
+            buffer[k], raw = raw, buffer[k]
+            yield raw
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        segments = self.worker_segments(worker, num_workers)
+        share = sum(len(s) for s in segments)
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
+        produced: list[dict[str, Any]] = []
+        batch: list[dict[str, Any]] = []
+        logged: dict[str, int] = {}
+        good = 0
+        for raw in self._raw_samples(segments, rng):
+            try:
+                sample = self.encoder(raw)
+            except (SkipSample, ImageDecodeError) as err:
+                self._count_skip(err.reason, raw, err, logged)
+                continue
+            except (ValueError, KeyError, UnicodeDecodeError) as err:  # malformed record JSON in a shard
+                self._count_skip("bad_sample", raw, err, logged)
+                continue
+            good += 1
+            if len(produced) < self.batch_size:
+                produced.append(sample)
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.pad_token_id)
+                batch = []
+        missing = share - good
+        if missing > 0:
+            if not produced:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: all {share} samples of its share were skipped "
+                    f"({self.counter.as_dict()}); the data or the template/tokenizer are wrong"
+                )
+            self.counter.add("repeated_to_fill", missing)
+            for k in range(missing):
+                batch.append(produced[k % len(produced)])
+                if len(batch) == self.batch_size:
+                    yield collate(batch, self.pad_token_id)
+                    batch = []
+        if batch:
+            yield collate(batch, self.pad_token_id)
+
+    def _count_skip(self, reason: str, raw: dict[str, Any], err: Exception, logged: dict[str, int]) -> None:
+        self.counter.add(reason)
+        logged[reason] = logged.get(reason, 0) + 1
+        n = logged[reason]
+        if n <= 3 or (n & (n - 1)) == 0:  # the first few, then at powers of two
+            log.warning("skipped sample %s (%s, #%d in this worker): %s", raw.get("__key__"), reason, n, err)
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) from torch.distributed when initialised, else the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+
+
+class _EpochDataLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch each time an epoch starts (Lightning only tells samplers)."""
+
+    epoch_fn: Callable[[], int]
+
+    def __iter__(self):  # type: ignore[override]
+        self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class LlavaDataModule(L.LightningDataModule):
+    """Train/val dataloaders over LLaVA shards (see the module docstring for the epoch plan)."""
+
+    def __init__(
+        self,
+        sources: Sequence[Mapping[str, Any]] | str,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
+        num_image_tokens: int,
+        template: str = "vicuna_v1",
+        max_length: int = 2048,
+        image_aspect: str = "pad",
+        micro_batch_size: int = 16,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        val_shards_per_source: int = 0,
+        val_sources: Sequence[Mapping[str, Any]] | str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        pin_memory: bool = True,
+        world_size: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        """Args:
+        sources: shard folders to train on, each `{"path": folder, "weight": 1.0}` (or one folder as a string).
+        tokenizer / image_processor / num_image_tokens: injected by the training entry point.
+        template: chat template name (`plain` for stage 1, `vicuna_v1` for stage 2).
+        max_length: longest sample in tokens, image runs expanded; longer samples are truncated or skipped.
+        image_aspect: `pad`, `crop` or `resize` (see `images.ImageLoader`).
+        micro_batch_size: samples per batch per rank.
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: raw samples held per worker for sample-level shuffling (shards are shuffled too).
+        seed: seed of the per-epoch shard order and shuffle buffers.
+        val_shards_per_source: hold out the last N shards of every training source for validation.
+        val_sources: separate validation shard folders (used as well as any held-out shards).
+        max_pixels: images with more pixels are skipped before decoding.
+        pin_memory: pin batches in page-locked memory (for GPU training).
+        world_size / rank: override the distributed layout (default: the trainer, torch.distributed, env).
+        """
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.source_specs = _as_specs(sources)
+        self.val_specs = _as_specs(val_sources) if val_sources else []
+        self.template = template
+        self.max_length = max_length
+        self.image_aspect = image_aspect
+        self.micro_batch_size = micro_batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.val_shards_per_source = val_shards_per_source
+        self.max_pixels = max_pixels
+        self.pin_memory = pin_memory
+        self._world_size = world_size
+        self._rank = rank
+        self._epochs_started = -1
+        self._counter = SkipCounter()
+        self.train_sources: list[Source] = []
+        self.val_sources: list[Source] = []
+        self.num_train_samples = 0
+        """Training samples per epoch over all ranks (after mixing weights); set by `setup("fit")`."""
+        self.train_batches_per_epoch = 0
+        """Batches per epoch on each rank (the same on every rank); set by `setup("fit")`."""
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped so far per reason, over all workers of this rank (for logging)."""
+        return self._counter.as_dict()
+
+    def world(self) -> tuple[int, int]:
+        """(world size, rank): explicit arguments, else the attached trainer, else torch.distributed/env."""
+        if self._world_size is not None:
+            return self._world_size, self._rank or 0
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        return _world()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the manifests, hold out validation shards, and size the epoch."""
+        self.train_sources, self.val_sources = [], []
+        for spec in self.source_specs:
+            source = _load_source(spec)
+            held = self.val_shards_per_source
+            if held:
+                if held >= len(source.shards):
+                    raise ValueError(
+                        f"{spec['path']}: cannot hold out {held} of {len(source.shards)} shards for validation"
+                    )
+                self.val_sources.append(Source(source.name, 1.0, source.shards[-held:]))
+                source = Source(source.name, source.weight, source.shards[:-held])
+            self.train_sources.append(source)
+        self.val_sources += [_load_source({**spec, "weight": 1.0}) for spec in self.val_specs]
+        train = self._stream(self.train_sources, shuffle=True)
+        self.num_train_samples = train.epoch_samples
+        self.train_batches_per_epoch = len(train)
+        world_size, _ = self.world()
+        if train.rank_samples == 0:
+            raise ValueError(f"{self.num_train_samples} training samples cannot feed {world_size} ranks")
+
+    def _stream(self, sources: Sequence[Source], *, shuffle: bool) -> ShardStream:
+        world_size, rank = self.world()
+        encoder = SampleEncoder(
+            tokenizer=self.tokenizer,
+            image_loader=ImageLoader(
+                self.image_processor, aspect=self.image_aspect, max_pixels=self.max_pixels
+            ),
+            template=self.template,
+            num_image_tokens=self.num_image_tokens,
+            max_length=self.max_length,
+        )
+        stream = ShardStream(
+            sources,
+            encoder=encoder,
+            pad_token_id=self.tokenizer.pad_token_id,
+            batch_size=self.micro_batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            counter=self._counter,
+        )
+        stream.num_workers = self.num_workers
+        return stream
+
+    def _next_epoch(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.current_epoch
+        self._epochs_started += 1
+        return self._epochs_started
+
+    def _loader(self, stream: ShardStream, epoch_fn: Callable[[], int]) -> DataLoader:
+        loader = _EpochDataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,  # workers are re-created each epoch and receive that epoch's plan
+        )
+        loader.epoch_fn = epoch_fn
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; each `iter()` is one epoch of the plan."""
+        if not self.train_sources:
+            self.setup("fit")
+        return self._loader(self._stream(self.train_sources, shuffle=True), self._next_epoch)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order (an empty list when no validation data is configured)."""
+        if not self.train_sources:
+            self.setup("fit")
+        if not self.val_sources:
+            return []
+        stream = self._stream(self.val_sources, shuffle=False)
+        if stream.rank_samples == 0:
+            raise ValueError(f"{stream.epoch_samples} validation samples cannot feed {self.world()[0]} ranks")
+        return self._loader(stream, lambda: 0)
+
+
+def _as_specs(sources: Sequence[Mapping[str, Any]] | str | None) -> list[dict[str, Any]]:
+    """Normalise the `sources` setting (a folder, or a list of folders / `{"path", "weight"}` mappings)."""
+    if sources is None:
+        return []
+    if isinstance(sources, (str, Path)):
+        sources = [sources]  # type: ignore[list-item]
+    specs = []
+    for spec in sources:
+        item = {"path": str(spec)} if isinstance(spec, (str, Path)) else dict(spec)
+        if "path" not in item:
+            raise ValueError(f"a data source needs a 'path': {item}")
+        item.setdefault("weight", 1.0)
+        if float(item["weight"]) < 0:
+            raise ValueError(f"negative mixing weight for {item['path']}")
+        specs.append(item)
+    return specs
+
+
+def _load_source(spec: Mapping[str, Any]) -> Source:
+    folder = Path(spec["path"])
+    manifest = read_manifest(folder)
+    shards = tuple((str(folder / s.name), s.num_samples) for s in manifest.shards if s.num_samples > 0)
+    return Source(name=spec.get("name") or manifest.source, weight=float(spec["weight"]), shards=shards)
