@@ -94,6 +94,7 @@ class ChatCompletionsServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test); nothing to do
 
+        ThreadingHTTPServer.request_queue_size = 128  # the default backlog of 5 stalls bursts of connects
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)

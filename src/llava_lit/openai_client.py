@@ -159,12 +159,22 @@ class ResponseCache:
         ).fetchone()
         if row is None:
             return None
-        return ChatResult(text=row[0], prompt_tokens=row[1], completion_tokens=row[2], cached=True, finish_reason=row[3])
+        return ChatResult(
+            text=row[0], prompt_tokens=row[1], completion_tokens=row[2], cached=True, finish_reason=row[3]
+        )
 
     def put(self, key: str, model: str, result: ChatResult) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, model, result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason, time.time()),
+            (
+                key,
+                model,
+                result.text,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.finish_reason,
+                time.time(),
+            ),
         )
         self._db.commit()
 
@@ -271,13 +281,17 @@ class ChatClient:
                 if attempt == self.config.max_retries:
                     break
                 delay = self._backoff(attempt, err.delay_hint)
-                log.warning("chat request failed (%s: %s); retry %d in %.2fs", err.kind, err, attempt + 1, delay)
+                log.warning(
+                    "chat request failed (%s: %s); retry %d in %.2fs", err.kind, err, attempt + 1, delay
+                )
                 await asyncio.sleep(delay)
             except ChatRequestError:
                 self.usage.failures += 1
                 raise
         self.usage.failures += 1
-        raise ChatRequestError(f"gave up after {self.config.max_retries + 1} attempts; last error {last.kind}: {last}")
+        raise ChatRequestError(
+            f"gave up after {self.config.max_retries + 1} attempts; last error {last.kind}: {last}"
+        )
 
     async def _spend_one_request(self) -> None:
         async with self._budget_lock:
@@ -314,7 +328,9 @@ class ChatClient:
                 raise TypeError(f"message content is {type(text).__name__}, not str")
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
             # A 200 with a body that is not a chat completion is a broken proxy or server hiccup: retry it.
-            raise _Retryable("malformed", f"{type(err).__name__}: {err}; body {response.text[:200]!r}") from err
+            raise _Retryable(
+                "malformed", f"{type(err).__name__}: {err}; body {response.text[:200]!r}"
+            ) from err
         usage = payload.get("usage") or {}
         return ChatResult(
             text=text,

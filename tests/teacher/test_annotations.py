@@ -19,9 +19,18 @@ from llava_lit.teacher.prompts import DATA_TYPES, load_prompt_set, load_prompt_s
 def test_jsonl_reads_normalised_and_pixel_boxes_and_counts_skips(tmp_path):
     path = tmp_path / "in.jsonl"
     lines = [
-        {"image": "a/1.png", "captions": ["A red circle."], "boxes": [{"category": "circle", "bbox": [0.1, 0.2, 0.5, 0.6]}]},
-        {"image": "2.png", "captions": ["Two squares."], "width": 200, "height": 100,
-         "boxes": [{"category": "square", "bbox": [20, 10, 100, 100]}]},
+        {
+            "image": "a/1.png",
+            "captions": ["A red circle."],
+            "boxes": [{"category": "circle", "bbox": [0.1, 0.2, 0.5, 0.6]}],
+        },
+        {
+            "image": "2.png",
+            "captions": ["Two squares."],
+            "width": 200,
+            "height": 100,
+            "boxes": [{"category": "square", "bbox": [20, 10, 100, 100]}],
+        },
         {"image": "3.png", "captions": []},
         {"image": "4.png", "captions": ["x"], "boxes": [{"category": "sq", "bbox": [20, 10, 100, 100]}]},
     ]
@@ -40,8 +49,10 @@ def test_box_order_is_checked():
 
 def test_coco_reader(tmp_path):
     caps = {
-        "images": [{"id": 7, "file_name": "7.jpg", "width": 100, "height": 50},
-                   {"id": 8, "file_name": "8.jpg", "width": 10, "height": 10}],
+        "images": [
+            {"id": 7, "file_name": "7.jpg", "width": 100, "height": 50},
+            {"id": 8, "file_name": "8.jpg", "width": 10, "height": 10},
+        ],
         "annotations": [{"image_id": 7, "caption": "A dog."}, {"image_id": 7, "caption": "A brown dog."}],
     }
     inst = {
@@ -61,7 +72,10 @@ def test_coco_reader(tmp_path):
 def test_context_format_is_the_papers():
     ann = ImageAnnotation("1.png", ["A red circle.", "A circle."], [])
     ann.boxes.append(normalise_box("circle", [0.1, 0.25, 0.5, 0.6]))
-    assert format_context(ann, include_boxes=True) == "A red circle.\nA circle.\n\ncircle: [0.100, 0.250, 0.500, 0.600]"
+    assert (
+        format_context(ann, include_boxes=True)
+        == "A red circle.\nA circle.\n\ncircle: [0.100, 0.250, 0.500, 0.600]"
+    )
     assert format_context(ann, include_boxes=False) == "A red circle.\nA circle."
 
 

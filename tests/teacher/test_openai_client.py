@@ -7,24 +7,24 @@ import threading
 import time
 
 import pytest
-from chat_completions_server import ChatCompletionsServer, Fault, user_text
 
+from chat_completions_server import ChatCompletionsServer, Fault, user_text
 from llava_lit.openai_client import BudgetExhausted, ChatClient, ChatClientConfig, ChatRequestError
 
 MESSAGES = [{"role": "user", "content": "say hello"}]
 
 
 def _config(server: ChatCompletionsServer, **kw) -> ChatClientConfig:
-    base = dict(base_url=server.url, model="teacher-test", api_key="sk-test", backoff_base_s=0.01, timeout_s=5.0)
+    base = dict(
+        base_url=server.url, model="teacher-test", api_key="sk-test", backoff_base_s=0.01, timeout_s=5.0
+    )
     return ChatClientConfig(**{**base, **kw})
 
 
 def _run(config: ChatClientConfig, calls: list[tuple[str | None, list]]) -> tuple[list, ChatClient]:
     async def main():
         async with ChatClient(config) as client:
-            results = await asyncio.gather(
-                *(client.complete(k, m) for k, m in calls), return_exceptions=True
-            )
+            results = await asyncio.gather(*(client.complete(k, m) for k, m in calls), return_exceptions=True)
             return results, client
 
     return asyncio.run(main())

@@ -10,7 +10,10 @@ CONV = "Question:\nWhat is red?\n===\nAnswer:\nThe circle is red.\n===\nQuestion
 
 
 def test_conversation_pairs():
-    assert parse_reply("conversation", CONV) == [("What is red?", "The circle is red."), ("How many?", "Two.")]
+    assert parse_reply("conversation", CONV) == [
+        ("What is red?", "The circle is red."),
+        ("How many?", "Two."),
+    ]
 
 
 def test_conversation_tolerates_same_line_prefix_missing_final_separator_and_crlf():
@@ -42,9 +45,21 @@ def test_detail_is_prose():
         ("conversation", "Question:\nWhat?\n===\nQuestion:\nWhy?\n===", "bad_format"),
         ("conversation", "Question:\nWhat?\n===\nAnswer:\n\n===", "empty"),
         ("conversation", "Question:\nWhat?\n===\n===\nAnswer:\nYes.", "bad_format"),
-        ("conversation", "Question:\nWhat?\n===\nAnswer:\nIt is red.\nQuestion: Why?\nAnswer: So.", "bad_format"),
-        ("conversation", "Question:\nWhat?\n===\nAnswer:\nA circle at [0.12, 0.40, 0.3, 0.5].", "mentions_coordinates"),
-        ("conversation", "Question:\nWhere?\n===\nAnswer:\nIts left edge is at 0.125.", "mentions_coordinates"),
+        (
+            "conversation",
+            "Question:\nWhat?\n===\nAnswer:\nIt is red.\nQuestion: Why?\nAnswer: So.",
+            "bad_format",
+        ),
+        (
+            "conversation",
+            "Question:\nWhat?\n===\nAnswer:\nA circle at [0.12, 0.40, 0.3, 0.5].",
+            "mentions_coordinates",
+        ),
+        (
+            "conversation",
+            "Question:\nWhere?\n===\nAnswer:\nIts left edge is at 0.125.",
+            "mentions_coordinates",
+        ),
         ("conversation", "Question:\nWhat?\n===\nAnswer:\nAs the Captions say, a circle.", "mentions_inputs"),
         ("detail_description", "According to the description, a circle.", "mentions_inputs"),
         ("detail_description", "Question:\nWhat?\n===\nAnswer:\nA circle.", "bad_format"),

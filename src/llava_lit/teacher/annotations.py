@@ -91,7 +91,9 @@ def annotation_from_dict(record: dict[str, Any]) -> ImageAnnotation:
         if not isinstance(b, dict) or "category" not in b or "bbox" not in b:
             raise InvalidAnnotation(f"{image}: each box needs 'category' and 'bbox', got {b!r}")
         boxes.append(normalise_box(b["category"], b["bbox"], record.get("width"), record.get("height")))
-    return ImageAnnotation(image=image, captions=[c for c in captions if isinstance(c, str) and c.strip()], boxes=boxes)
+    return ImageAnnotation(
+        image=image, captions=[c for c in captions if isinstance(c, str) and c.strip()], boxes=boxes
+    )
 
 
 def load_jsonl_annotations(path: str | Path) -> tuple[list[ImageAnnotation], Counter]:
@@ -139,7 +141,9 @@ def load_coco_annotations(
                 continue
             x, y, w, h = a["bbox"]
             try:
-                box = normalise_box(names[a["category_id"]], [x, y, x + w, y + h], img["width"], img["height"])
+                box = normalise_box(
+                    names[a["category_id"]], [x, y, x + w, y + h], img["width"], img["height"]
+                )
             except InvalidAnnotation as err:
                 skipped["invalid_box"] += 1
                 log.warning("COCO annotation %s: skipped, %s", a.get("id"), err)

@@ -56,7 +56,9 @@ class _Outcome:
     failed: str | None = None
 
 
-def build_record(annotation: ImageAnnotation, data_type: str, turns: list[tuple[str, str]], prompts: PromptSet) -> dict:
+def build_record(
+    annotation: ImageAnnotation, data_type: str, turns: list[tuple[str, str]], prompts: PromptSet
+) -> dict:
     """A LLaVA-format record with `<image>` opening the first human turn."""
     if data_type == "detail_description":
         # Stable per image, so a re-run writes the same record.
@@ -66,16 +68,27 @@ def build_record(annotation: ImageAnnotation, data_type: str, turns: list[tuple[
     for i, (question, answer) in enumerate(turns):
         value = f"{IMAGE_TOKEN}\n{question}" if i == 0 else question
         conversations += [{"from": "human", "value": value}, {"from": "gpt", "value": answer}]
-    return {"id": f"{annotation.image_id}_{data_type}", "image": annotation.image, "conversations": conversations}
+    return {
+        "id": f"{annotation.image_id}_{data_type}",
+        "image": annotation.image,
+        "conversations": conversations,
+    }
 
 
-def cache_key(annotation: ImageAnnotation, data_type: str, prompts: PromptSet, model: str, context: str, attempt: int) -> str:
+def cache_key(
+    annotation: ImageAnnotation, data_type: str, prompts: PromptSet, model: str, context: str, attempt: int
+) -> str:
     context_hash = hashlib.sha256(context.encode()).hexdigest()[:12]
     return f"teacher|{model}|{data_type}|{prompts.version}|{annotation.image}|{context_hash}|try{attempt}"
 
 
 async def _run_job(
-    client: ChatClient, annotation: ImageAnnotation, index: int, data_type: str, prompts: PromptSet, cfg: TeacherConfig
+    client: ChatClient,
+    annotation: ImageAnnotation,
+    index: int,
+    data_type: str,
+    prompts: PromptSet,
+    cfg: TeacherConfig,
 ) -> _Outcome:
     context = format_context(annotation, include_boxes=data_type in cfg.boxes_for)
     messages = prompts.messages(context)
@@ -100,7 +113,10 @@ async def _run_job(
 
 
 async def generate_async(
-    annotations: list[ImageAnnotation], cfg: TeacherConfig, client_config: ChatClientConfig, output_dir: str | Path
+    annotations: list[ImageAnnotation],
+    cfg: TeacherConfig,
+    client_config: ChatClientConfig,
+    output_dir: str | Path,
 ) -> dict[str, Any]:
     """Generate every (image, type) job, write the output files and return the summary (also `summary.json`)."""
     unknown = sorted(set(cfg.types) - set(DATA_TYPES))
@@ -112,7 +128,9 @@ async def generate_async(
     outcomes: list[_Outcome] = []
     async with ChatClient(client_config) as client:
         jobs = [
-            _run_job(client, ann, i, t, prompt_sets[t], cfg) for i, ann in enumerate(annotations) for t in cfg.types
+            _run_job(client, ann, i, t, prompt_sets[t], cfg)
+            for i, ann in enumerate(annotations)
+            for t in cfg.types
         ]
         for next_done in tqdm(asyncio.as_completed(jobs), total=len(jobs), desc="teacher", unit="reply"):
             outcomes.append(await next_done)
@@ -139,7 +157,10 @@ async def generate_async(
 
 
 def generate(
-    annotations: list[ImageAnnotation], cfg: TeacherConfig, client_config: ChatClientConfig, output_dir: str | Path
+    annotations: list[ImageAnnotation],
+    cfg: TeacherConfig,
+    client_config: ChatClientConfig,
+    output_dir: str | Path,
 ) -> dict[str, Any]:
     """Synchronous `generate_async` for scripts and tests."""
     return asyncio.run(generate_async(annotations, cfg, client_config, output_dir))

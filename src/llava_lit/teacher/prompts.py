@@ -48,11 +48,15 @@ def load_prompt_set(folder: str | Path, name: str | None = None) -> PromptSet:
         written = shown.with_name(shown.name.replace("_caps.txt", "_conv.txt"))
         if not written.is_file():
             raise FileNotFoundError(f"few-shot input {shown} has no matching {written.name}")
-        examples.append((shown.read_text(encoding="utf-8").strip(), written.read_text(encoding="utf-8").strip()))
+        examples.append(
+            (shown.read_text(encoding="utf-8").strip(), written.read_text(encoding="utf-8").strip())
+        )
     instructions_file = folder / "instructions.txt"
     instructions = ()
     if instructions_file.is_file():
-        instructions = tuple(line.strip() for line in instructions_file.read_text(encoding="utf-8").splitlines())
+        instructions = tuple(
+            line.strip() for line in instructions_file.read_text(encoding="utf-8").splitlines()
+        )
         instructions = tuple(i for i in instructions if i)
     digest = hashlib.sha256()
     for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".txt"):
@@ -71,5 +75,7 @@ def load_prompt_sets(root: str | Path | None, types: list[str]) -> dict[str, Pro
     root = Path(root) if root else DEFAULT_PROMPTS_DIR
     sets = {t: load_prompt_set(root / t, t) for t in types}
     if "detail_description" in sets and not sets["detail_description"].instructions:
-        raise FileNotFoundError(f"{root / 'detail_description'} needs an instructions.txt (one instruction a line)")
+        raise FileNotFoundError(
+            f"{root / 'detail_description'} needs an instructions.txt (one instruction a line)"
+        )
     return sets

@@ -49,18 +49,25 @@ def parse_qa_blocks(text: str) -> list[tuple[str, str]]:
     for i in range(0, len(blocks), 2):
         q, a = blocks[i], blocks[i + 1]
         if not q.startswith("Question:") or not a.startswith("Answer:"):
-            raise RejectedReply("bad_format", f"block {i} must open with 'Question:' and block {i + 1} with 'Answer:'")
+            raise RejectedReply(
+                "bad_format", f"block {i} must open with 'Question:' and block {i + 1} with 'Answer:'"
+            )
         q, a = q[len("Question:") :].strip(), a[len("Answer:") :].strip()
         if not q or not a:
             raise RejectedReply("empty", f"pair {i // 2} has an empty question or answer")
         if "Question:" in a or "Answer:" in q:
-            raise RejectedReply("bad_format", f"pair {i // 2} holds a second Question/Answer without separator")
+            raise RejectedReply(
+                "bad_format", f"pair {i // 2} holds a second Question/Answer without separator"
+            )
         pairs.append((q, a))
     return pairs
 
 
 def parse_reply(
-    data_type: str, text: str, finish_reason: str | None = None, banned_words: Sequence[str] = DEFAULT_BANNED_WORDS
+    data_type: str,
+    text: str,
+    finish_reason: str | None = None,
+    banned_words: Sequence[str] = DEFAULT_BANNED_WORDS,
 ) -> list[tuple[str, str]]:
     """(question, answer) turns from one teacher reply, or `RejectedReply`.
 
