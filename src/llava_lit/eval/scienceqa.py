@@ -153,7 +153,9 @@ class ScienceQABenchmark:
             else:
                 letter = parse_answer(answers[pid])
                 unparsed += letter is None
-            hit = letter is not None and OPTION_LETTERS.index(letter) == problem["answer"]
+            # A letter past the problem's last choice (or any letter outside A-E) is wrong, as in LLaVA.
+            valid = OPTION_LETTERS[: len(problem["choices"])]
+            hit = letter in valid and valid.index(letter) == problem["answer"]
             for row in ("overall", *categories(problem)):
                 total[row] += 1
                 correct[row] += hit
