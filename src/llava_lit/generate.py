@@ -18,6 +18,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -76,6 +77,8 @@ def run(cfg: GenerateConfig) -> dict:
         raise ValueError(f"no usable input records (skipped: {dict(skipped)})")
     summary = generate(annotations, cfg.teacher, cfg.client, cfg.output_dir)
     summary["skipped_inputs"] = dict(skipped)
+    summary_path = Path(cfg.output_dir) / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
 
