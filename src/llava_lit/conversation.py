@@ -9,6 +9,7 @@ HF chat-template exporter and the inference code read them instead of re-typing 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ LLAMA_2_SYSTEM = (
     "user provides, and assist the user with a variety of tasks using natural language."
 )
 """The system prompt of the official `llava_llama_2` template."""
+
+
+_IMAGE_MARKER = re.compile(r"\s*" + re.escape(IMAGE_TOKEN) + r"\s*")
 
 
 class ConversationError(ValueError):
@@ -86,7 +90,8 @@ class ChatTemplate:
 
         Leading assistant turns are dropped (as LLaVA does); the rest must alternate user/assistant. A final
         empty assistant turn, or `add_generation_prompt=True` after a user turn, renders the inference prompt.
-        Image markers are left where they are; `tokenization.normalize_image_markers` places them first.
+        User turns get their image markers moved to the front (`place_image_markers`), in training and at
+        inference alike.
         """
         pairs = _as_role_pairs(turns)
         while pairs and pairs[0][0] == "assistant":
@@ -118,6 +123,8 @@ class ChatTemplate:
                     add(self.turn_separator)
                 if self.drop_user_text:
                     text = IMAGE_TOKEN * text.count(IMAGE_TOKEN)
+                else:
+                    text = place_image_markers(text)
                 if i == 0 and self.system_in_first_user:
                     text = system + text
                 add(self.user_prefix + text + self.user_suffix)
@@ -129,6 +136,18 @@ class ChatTemplate:
         if add_generation_prompt:
             add(self.generation_prompt)
         return Rendered(text="".join(parts), target_spans=tuple(spans))
+
+
+def place_image_markers(text: str) -> str:
+    """Move every `<image>` of a user turn to its front, one `<image>\\n` per image (LLaVA's placement).
+
+    LLaVA strips the marker and prepends `<image>\\n`; keeping one marker per image extends that to several
+    images per turn. Text without markers is returned unchanged.
+    """
+    count = text.count(IMAGE_TOKEN)
+    if not count:
+        return text
+    return (IMAGE_TOKEN + "\n") * count + _IMAGE_MARKER.sub(" ", text).strip()
 
 
 def _as_role_pairs(turns: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:

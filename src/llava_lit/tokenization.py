@@ -9,7 +9,6 @@ learn, the sample raises `SkipSample`; it is never trained at zero loss.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ SKIP_REASONS = (
     "no_target_after_truncation",
 )
 """Every reason `encode_conversation` can skip a sample for (stable keys for counters and logs)."""
-
-_IMAGE_MARKER = re.compile(r"\s*" + re.escape(IMAGE_TOKEN) + r"\s*")
 
 
 class SkipSample(Exception):
@@ -90,24 +87,12 @@ def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return token_id
 
 
-def normalize_image_markers(turns: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
-    """Move every `<image>` of a user turn to the turn's front, one `<image>\\n` per image (LLaVA's placement).
-
-    LLaVA strips the marker and prepends `<image>\\n`; keeping one marker per image extends that to several
-    images per turn. Markers inside answers raise `SkipSample("image_in_answer")`.
-    """
-    out = []
+def check_image_markers(turns: Sequence[Mapping[str, str]]) -> None:
+    """Raise `SkipSample("image_in_answer")` when an answer holds an image marker (it could not be learned)."""
     for turn in turns:
-        role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content", ""))
-        count = text.count(IMAGE_TOKEN)
-        if count and role in ("gpt", "assistant"):
-            raise SkipSample("image_in_answer")
-        if count:
-            text = IMAGE_TOKEN + "\n" + _IMAGE_MARKER.sub(" ", text).strip()
-            text = (IMAGE_TOKEN + "\n") * (count - 1) + text
-        out.append({"from": role, "value": text})
-    return out
+        if turn.get("from", turn.get("role")) in ("gpt", "assistant"):
+            if IMAGE_TOKEN in turn.get("value", turn.get("content", "")):
+                raise SkipSample("image_in_answer")
 
 
 def encode_conversation(
@@ -122,9 +107,9 @@ def encode_conversation(
     """Render, tokenize once, mask by character spans, expand image markers, truncate. Raises `SkipSample`."""
     if isinstance(template, str):
         template = get_template(template)
-    turns = normalize_image_markers(conversations)
+    check_image_markers(conversations)
     try:
-        rendered = template.render(turns)
+        rendered = template.render(conversations)
     except ConversationError as err:
         raise SkipSample("bad_roles", str(err)) from err
     if not rendered.target_spans:
