@@ -1,0 +1,257 @@
+"""Loading a trained model for inference, with everything needed to prompt it taken from its saved run config.
+
+A training checkpoint carries `llava_lit_config`, the resolved run config: its `model` node rebuilds the
+architecture and names the tokenizer, its `data` node names the chat template, the image aspect mode and the
+training length. Nothing is inferred from a folder name (the official loader's template and model-class choice
+by directory name is a known source of silent errors). Two checkpoint forms are read:
+
+- a Lightning checkpoint file (`*.ckpt`): weights under `state_dict` as `model.<LlavaModel key>`;
+- an FSDP2 distributed checkpoint directory (`.metadata`, shards, `meta.pt`): the run config comes from
+  `meta.pt` and only the model weights are read from the shards, straight into the rebuilt model (the optimizer
+  state, twice the model's size, is never loaded).
+
+With `load_in_4bit`/`load_in_8bit` the language model's linear layers are quantized by bitsandbytes; the vision
+tower and the projector stay in full precision (quantizing the projector is what breaks the official 4-bit
+loader's projector weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from transformers import PreTrainedTokenizerBase
+
+from llava_lit.conversation import ChatTemplate, get_template
+from llava_lit.images import ImageLoader
+from llava_lit.inference.generation import Generator
+from llava_lit.inference.prompts import Prompt, build_prompt
+from llava_lit.model import LlavaModel
+from llava_lit.model.dtypes import parse_dtype
+from llava_lit.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MODULE_PREFIX = "model."
+"""`LlavaLitModule` holds the `LlavaModel` as `self.model`, so checkpoint keys start with this."""
+
+DCP_META_FILE = "meta.pt"
+"""Lightning's file for the non-tensor part of a distributed checkpoint (holds `llava_lit_config`)."""
+
+
+@dataclass
+class InferenceBundle:
+    """A model ready to answer, with the tokenizer, template and image preprocessing it was trained with."""
+
+    model: LlavaModel
+    """The model, in eval mode, on its device."""
+    tokenizer: PreTrainedTokenizerBase
+    """The training tokenizer (`<image>` and pad added)."""
+    template: ChatTemplate
+    """The chat template of the training data (`data.template`)."""
+    image_loader: ImageLoader
+    """Bytes -> FloatTensor[3, H, W] with the training aspect mode and the vision tower's processor."""
+    max_length: int | None
+    """Longest sequence (prompt + answer) to allow: the language model's position limit."""
+    model_id: str
+    """Name reported in answer files and by the server (`run_name/stage` unless overridden)."""
+    run_config: dict[str, Any] = field(default_factory=dict)
+    """The resolved training run config the model was rebuilt from."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image."""
+        return self.model.num_image_tokens
+
+    def prompt(self, turns: Sequence[Mapping[str, str]], images: Sequence[torch.Tensor] = ()) -> Prompt:
+        """A `Prompt` for `turns` (ending with a user turn) with preprocessed `images` ([3, H, W] each)."""
+        pixel_values = torch.stack(list(images)) if images else None
+        return build_prompt(
+            turns,
+            tokenizer=self.tokenizer,
+            template=self.template,
+            num_image_tokens=self.num_image_tokens,
+            pixel_values=pixel_values,
+        )
+
+    def generator(self) -> Generator:
+        """A `Generator` over this bundle's model, tokenizer and template."""
+        return Generator(self.model, self.tokenizer, self.template, max_length=self.max_length)
+
+
+def bundle_from_model(
+    model: LlavaModel,
+    tokenizer: PreTrainedTokenizerBase,
+    run_config: Mapping[str, Any],
+    *,
+    model_id: str | None = None,
+) -> InferenceBundle:
+    """Wrap an already built model (e.g. the one being trained) into a bundle, reading the rest from the config."""
+    data = run_config.get("data") or {}
+    if "template" not in data:
+        raise ValueError("the run config has no data.template: the chat template cannot be chosen")
+    stage = (run_config.get("stage") or {}).get("name")
+    default_id = "/".join(str(p) for p in (run_config.get("run_name"), stage) if p) or "llava_lit"
+    lm_config = model.language_model.config
+    max_length = getattr(lm_config, "max_position_embeddings", None) or data.get("max_length")
+    return InferenceBundle(
+        model=model,
+        tokenizer=tokenizer,
+        template=get_template(data["template"]),
+        image_loader=ImageLoader(model.vision_tower.image_processor, aspect=data.get("image_aspect", "pad")),
+        max_length=int(max_length) if max_length else None,
+        model_id=model_id or default_id,
+        run_config=dict(run_config),
+    )
+
+
+def load_for_inference(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    model_id: str | None = None,
+) -> InferenceBundle:
+    """Load a training checkpoint (Lightning `.ckpt` file or FSDP2 directory) as an `InferenceBundle`.
+
+    Args:
+        path: the checkpoint file or distributed-checkpoint directory.
+        device: where the model runs.
+        dtype: cast the model to this dtype (`bfloat16`, ...); None keeps the checkpoint's dtypes. Under
+            quantization it is the compute dtype of the quantized layers.
+        load_in_4bit: quantize the language model to NF4 with bitsandbytes (projector and tower unquantized).
+        load_in_8bit: quantize the language model to int8 with bitsandbytes.
+        model_id: the name reported in outputs; default `run_name/stage` from the run config.
+    """
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("choose one of load_in_4bit and load_in_8bit")
+    path = Path(path)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if path.is_dir():
+        if not (path / ".metadata").is_file() or not (path / DCP_META_FILE).is_file():
+            raise ValueError(
+                f"{path} is a directory but not a distributed training checkpoint (needs .metadata and "
+                f"{DCP_META_FILE}); give a Lightning .ckpt file or an FSDP2 checkpoint directory"
+            )
+        checkpoint = torch.load(path / DCP_META_FILE, map_location="cpu", weights_only=True)
+        run_config = _run_config(checkpoint, path)
+        model, tokenizer = _build(run_config)
+        _load_distributed_weights(model, path)
+    elif path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        run_config = _run_config(checkpoint, path)
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+        model, tokenizer = _build(run_config)
+        _load_weights(model, checkpoint.pop("state_dict"), path)
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    if load_in_4bit or load_in_8bit:
+        model.language_model = quantize_language_model(
+            model.language_model, bits=4 if load_in_4bit else 8, device=device, compute_dtype=torch_dtype
+        )
+        model.vision_tower.to(device)
+        model.projector.to(device=device, dtype=torch.float32)
+    else:
+        model.to(device)
+    model.eval()
+    return bundle_from_model(model, tokenizer, run_config, model_id=model_id)
+
+
+def _run_config(checkpoint: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    config = checkpoint.get("llava_lit_config")
+    if not config or "model" not in config or "data" not in config:
+        raise ValueError(
+            f"{path} has no 'llava_lit_config' with 'model' and 'data' nodes: it was not written by llava_lit's "
+            "training, so the model, tokenizer and template cannot be rebuilt from it"
+        )
+    return copy.deepcopy(dict(config))
+
+
+def _build(run_config: Mapping[str, Any]) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
+    """The tokenizer and the model architecture from the run config; LLM weights come from the checkpoint."""
+    model_cfg = copy.deepcopy(dict(run_config["model"]))
+    tokenizer_src = model_cfg.get("tokenizer_name_or_path") or model_cfg["language_model"]["name_or_path"]
+    tokenizer = load_tokenizer(str(tokenizer_src))
+    # The checkpoint holds every LLM weight: build the architecture only instead of loading the base weights.
+    model_cfg["language_model"] = {**model_cfg["language_model"], "pretrained": False}
+    model_cfg["_convert_"] = "all"
+    model = instantiate(model_cfg, tokenizer=tokenizer)
+    return model, tokenizer
+
+
+def _load_weights(model: LlavaModel, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    state = {}
+    for key, value in state_dict.items():
+        if not key.startswith(MODULE_PREFIX):
+            raise ValueError(f"{path}: unexpected state_dict key {key!r} (expected '{MODULE_PREFIX}...')")
+        state[key[len(MODULE_PREFIX) :]] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the model rebuilt from its config: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+
+
+def _load_distributed_weights(model: LlavaModel, path: Path) -> None:
+    """Read only `state_dict.model.*` from a distributed checkpoint, in place into `model`'s tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    targets = {MODULE_PREFIX + k: v for k, v in model.state_dict().items()}
+    # Without a process group DCP reads on this process alone; keys absent from the request (the optimizer) are
+    # never read.
+    dcp.load({"state_dict": targets}, checkpoint_id=str(path))
+    # state_dict() tensors share storage with the parameters, except where a load replaced the object.
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in targets.items():
+            own[key[len(MODULE_PREFIX) :]].copy_(value)
+
+
+def quantize_language_model(
+    language_model: torch.nn.Module,
+    *,
+    bits: int,
+    device: str | torch.device,
+    compute_dtype: torch.dtype | None,
+) -> torch.nn.Module:
+    """Re-load `language_model` with its linear layers quantized by bitsandbytes (4-bit NF4 or 8-bit).
+
+    The model goes through `save_pretrained` into a temporary folder and back through `from_pretrained` with a
+    `BitsAndBytesConfig`: transformers' own quantized loading path, the one bitsandbytes is tested with. The
+    output head stays unquantized (transformers' default), as do the vision tower and projector (not passed).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 4:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        )
+    elif bits == 8:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    with tempfile.TemporaryDirectory() as tmp:
+        language_model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quant, device_map={"": str(device)}, dtype=compute_dtype or torch.float32
+        )
+    quantized.eval()
+    log.info("quantized the language model to %d bit (bitsandbytes)", bits)
+    return quantized

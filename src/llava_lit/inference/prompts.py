@@ -1,0 +1,72 @@
+"""Inference prompts, built by the same template and tokenizer code that built the training masks.
+
+A prompt is the conversation so far rendered with `add_generation_prompt=True`, so its text ends where the
+assistant's answer begins and its token ids are a prefix of the training tokenization of the same conversation
+with the answer filled in. The template places image markers as in training, and each one is
+expanded into the vision tower's `num_image_tokens` placeholders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llava_lit.conversation import ChatTemplate, ConversationError
+from llava_lit.tokenization import SkipSample, check_image_markers, image_token_id
+
+
+class PromptError(ValueError):
+    """A conversation that cannot become a prompt (bad roles, image count mismatch, answer holding an image)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prepared generation request."""
+
+    input_ids: list[int]
+    """Token ids with every image run expanded, BOS included, ending at the assistant's header."""
+    pixel_values: torch.Tensor | None
+    """FloatTensor[n_images, 3, H, W] in the order of the image runs, or None for a text-only prompt."""
+
+    @property
+    def num_images(self) -> int:
+        """Images in this prompt."""
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+
+def render_prompt_text(turns: Sequence[Mapping[str, str]], template: ChatTemplate) -> str:
+    """The prompt text (before tokenization) for `turns`, which must end with a user turn."""
+    try:
+        check_image_markers(turns)
+        return template.render(turns, add_generation_prompt=True).text
+    except (ConversationError, SkipSample) as err:
+        raise PromptError(str(err)) from err
+
+
+def build_prompt(
+    turns: Sequence[Mapping[str, str]],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    num_image_tokens: int,
+    pixel_values: torch.Tensor | None = None,
+) -> Prompt:
+    """Render, tokenize (BOS added as in training) and expand `turns` into a `Prompt`.
+
+    `turns` are LLaVA (`from`/`value`) or chat (`role`/`content`) dicts ending with a user turn; each image is
+    an `<image>` marker in a user turn, matched in order with `pixel_values` ([n, 3, H, W]).
+    """
+    text = render_prompt_text(turns, template)
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    img_id = image_token_id(tokenizer)
+    found = sum(1 for token in ids if token == img_id)
+    expected = 0 if pixel_values is None else int(pixel_values.shape[0])
+    if found != expected:
+        raise PromptError(f"the conversation has {found} <image> markers but {expected} images were given")
+    expanded: list[int] = []
+    for token in ids:
+        expanded.extend([token] * num_image_tokens if token == img_id else [token])
+    return Prompt(input_ids=expanded, pixel_values=pixel_values)
