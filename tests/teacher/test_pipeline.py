@@ -152,6 +152,7 @@ def test_interrupted_run_resumes_without_repeating_a_call(world_inputs, tmp_path
     assert resumed["types"] == expected["types"]
 
 
+@pytest.mark.slow  # the converter verifies and re-encodes every image: ~10 s on 2 busy cores
 def test_teacher_output_converts_to_shards(world_inputs, tmp_path):
     from llava_lit.convert import convert
 
