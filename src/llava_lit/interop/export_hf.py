@@ -1,0 +1,167 @@
+"""Export a `LlavaModel` to a transformers LLaVA folder (`LlavaForConditionalGeneration` + `LlavaProcessor`).
+
+The weights and `LlavaConfig` come from `model.hf_interop.to_hf_llava_state_dict` (the one mapping between our
+module layout and transformers'). This module adds what a usable folder needs around them: a key check against
+the transformers model (so loading reports no missing or unexpected keys), sharded safetensors, the tokenizer with
+`<image>` and a chat template generated from the training template, a `LlavaImageProcessor` that repeats the
+training image handling (`pad` -> `do_pad`), the generation config and a model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from transformers import (
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
+
+from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.conversation import ChatTemplate, get_template
+from llava_lit.interop.chat_template import to_jinja
+from llava_lit.interop.model_card import ModelCardInfo, render_model_card
+from llava_lit.model.hf_interop import to_hf_llava_state_dict
+from llava_lit.model.llava import LlavaModel
+
+log = logging.getLogger(__name__)
+
+ASPECTS = ("pad", "crop", "resize")
+
+
+def hf_image_processor(clip_processor: Any, aspect: str) -> LlavaImageProcessor:
+    """A `LlavaImageProcessor` doing what training did: `aspect` handling, then the tower's CLIP preprocessing.
+
+    `pad` pads to a square filled with the 8-bit mean colour before resizing (LLaVA-1.5's `expand2square`, bit-exact
+    with `images.ImageLoader`); `crop` is the plain CLIP shortest-edge resize + centre crop; `resize` stretches to
+    the crop size (torchvision's bicubic, where training used PIL's: close, not bit-exact).
+    """
+    if aspect not in ASPECTS:
+        raise ValueError(f"image aspect must be one of {ASPECTS}, got {aspect!r}")
+    crop = dict(clip_processor.crop_size)
+    kwargs: dict[str, Any] = {
+        "size": dict(clip_processor.size),
+        "crop_size": crop,
+        "resample": clip_processor.resample,
+        "image_mean": list(clip_processor.image_mean),
+        "image_std": list(clip_processor.image_std),
+        "do_center_crop": bool(clip_processor.do_center_crop),
+        "do_rescale": bool(clip_processor.do_rescale),
+        "rescale_factor": clip_processor.rescale_factor,
+        "do_normalize": bool(clip_processor.do_normalize),
+        "do_convert_rgb": True,
+        "do_pad": aspect == "pad",
+    }
+    if aspect == "resize":
+        kwargs["size"] = {"height": crop["height"], "width": crop["width"]}
+        kwargs["do_center_crop"] = False
+    return LlavaImageProcessor(**kwargs)
+
+
+def check_against_transformers(config: LlavaConfig, state: dict[str, torch.Tensor]) -> None:
+    """Raise unless `state` has exactly the keys and shapes of `LlavaForConditionalGeneration(config)`.
+
+    The transformers model is built on the meta device (no memory). Tied output embeddings may be absent.
+    """
+    with torch.device("meta"):
+        reference = LlavaForConditionalGeneration(config)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    tied = set(getattr(reference, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    missing = sorted(k for k in expected if k not in state and k not in tied)
+    unexpected = sorted(k for k in state if k not in expected)
+    wrong = sorted(k for k in state if k in expected and tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "the exported weights do not fit transformers' LlavaForConditionalGeneration:\n"
+            f"  missing: {missing[:10]}\n  unexpected: {unexpected[:10]}\n"
+            f"  wrong shape: {[(k, tuple(state[k].shape), expected[k]) for k in wrong[:10]]}"
+        )
+
+
+def export_hf_llava(
+    model: LlavaModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    template: str | ChatTemplate,
+    image_aspect: str,
+    dtype: torch.dtype | None = None,
+    card: ModelCardInfo | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write `model` as a transformers LLaVA folder and return its path.
+
+    Args:
+        model: the trained model (CPU; a CLIP tower and an `mlp2x_gelu` projector, else `ValueError`).
+        tokenizer: the training tokenizer (from `tokenization.load_tokenizer`, holding `<image>`).
+        out_dir: the folder to write (created; existing files of the same names are overwritten).
+        template: the chat template the model was trained with (`data.template`), or its name.
+        image_aspect: the training image handling (`data.image_aspect`: `pad`, `crop`, `resize`).
+        dtype: cast floating weights to this dtype (e.g. `torch.bfloat16`); None keeps them as trained.
+        card: what the model card says about the model's origin; None writes a minimal card.
+        max_shard_size: largest safetensors shard.
+    """
+    if isinstance(template, str):
+        template = get_template(template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config, state = to_hf_llava_state_dict(model)
+    check_against_transformers(config, state)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        config.dtype = dtype
+        config.text_config.dtype = dtype
+        config.vision_config.dtype = dtype
+    else:
+        config.dtype = next(iter(v for v in state.values() if v.is_floating_point())).dtype
+    # Tokens the model needs from the config alone (generate() and servers read these, not the tokenizer).
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.architectures = ["LlavaForConditionalGeneration"]
+    save_torch_state_dict(
+        {k: v.contiguous() for k, v in state.items()},
+        out,
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt"},
+    )
+    config.save_pretrained(out)
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generation.save_pretrained(out)
+
+    tower = model.vision_tower
+    processor = LlavaProcessor(
+        image_processor=hf_image_processor(tower.image_processor, image_aspect),
+        tokenizer=_export_tokenizer(tokenizer),
+        patch_size=int(tower.backbone.config.patch_size),
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=to_jinja(template),
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS token; "default" strategy drops it again
+    )
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(
+        render_model_card(card or ModelCardInfo(), config=config, template=template.name)
+    )
+    log.info("exported transformers LLaVA to %s (%d tensors)", out, len(state))
+    return out
+
+
+def _export_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A copy of the training tokenizer set up for generation: left padding (the training one stays as is)."""
+    exported = copy.deepcopy(tokenizer)
+    # Batched generation appends new tokens on the right, so prompts are padded on the left.
+    exported.padding_side = "left"
+    exported.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
+    return exported

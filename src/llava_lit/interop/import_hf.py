@@ -1,0 +1,168 @@
+"""Import transformers LLaVA checkpoints (`llava-hf/*`, or our own exports) into llava_lit.
+
+Two key layouts exist on the hub: the current one (transformers >= 4.52: `model.vision_tower.*`,
+`model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*`, `lm_head.*`) and the older one that most
+`llava-hf` repositories still hold (`vision_tower.vision_model.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.*`). Both map onto `LlavaModel` keys; the CLIP `vision_model.`
+level is dropped because transformers 5's `CLIPVisionModel` is flat. This is the inverse of
+`model.hf_interop.to_hf_llava_state_dict`, so llava_lit -> transformers -> llava_lit gives identical tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaConfig
+
+from llava_lit.conversation import TEMPLATES
+from llava_lit.interop.chat_template import to_jinja
+from llava_lit.interop.checkpoint_files import read_state_dict
+from llava_lit.interop.pretrained import BUILD_TARGET, PretrainedLlava, write_json
+from llava_lit.tokenization import image_token_id, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = (
+    # (transformers prefix, LlavaModel prefix); the first match wins, so longer prefixes come first.
+    ("model.vision_tower.", "vision_tower.backbone."),
+    ("model.multi_modal_projector.linear_1.", "projector.0."),
+    ("model.multi_modal_projector.linear_2.", "projector.2."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    # pre-4.52 layout
+    ("vision_tower.", "vision_tower.backbone."),
+    ("multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."),
+    ("language_model.model.", "language_model.model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+)
+
+
+def convert_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers LLaVA keys (either layout) -> `LlavaModel` keys."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for theirs, ours in _PREFIXES:
+            if key.startswith(theirs):
+                rest = key[len(theirs) :]
+                if ours.startswith("vision_tower."):
+                    rest = rest.removeprefix("vision_model.")
+                out[ours + rest] = value
+                break
+        else:
+            raise ValueError(f"unexpected key in a transformers LLaVA checkpoint: {key!r}")
+    return out
+
+
+def _check_supported(config: LlavaConfig, folder: Path) -> None:
+    """Refuse what llava_lit's model cannot reproduce, naming the field."""
+    problems = []
+    if config.vision_config.model_type != "clip_vision_model":
+        problems.append(
+            f"vision tower {config.vision_config.model_type!r} (llava_lit loads HF towers as CLIP)"
+        )
+    if not isinstance(config.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer={config.vision_feature_layer!r} (several layers concatenated)")
+    if config.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act={config.projector_hidden_act!r} (mlp2x_gelu uses exact GELU)")
+    if not config.multimodal_projector_bias:
+        problems.append("multimodal_projector_bias=false (the projector's Linear layers have biases)")
+    if problems:
+        raise ValueError(f"{folder} cannot be represented by llava_lit's model: " + "; ".join(problems))
+
+
+def _clip_processor(folder: Path) -> tuple[CLIPImageProcessor, str]:
+    """The folder's image processor as a `CLIPImageProcessor` (our towers' type) and its aspect mode."""
+    hf = AutoImageProcessor.from_pretrained(str(folder))
+    size = dict(hf.size)
+    crop = dict(hf.crop_size) if getattr(hf, "crop_size", None) else None
+    if getattr(hf, "do_pad", False):
+        aspect = "pad"
+    elif not getattr(hf, "do_center_crop", True) and "height" in size:
+        aspect = "resize"
+        side = min(size["height"], size["width"])
+        size, crop = {"shortest_edge": side}, {"height": size["height"], "width": size["width"]}
+    else:
+        aspect = "crop"
+    processor = CLIPImageProcessor(
+        size=size,
+        crop_size=crop,
+        resample=hf.resample,
+        image_mean=list(hf.image_mean),
+        image_std=list(hf.image_std),
+        do_center_crop=True,
+        do_rescale=bool(hf.do_rescale),
+        rescale_factor=hf.rescale_factor,
+        do_normalize=bool(hf.do_normalize),
+    )
+    return processor, aspect
+
+
+def _template_name(tokenizer: Any) -> str | None:
+    """Our template whose Jinja equals the checkpoint's chat template (our exports), else None."""
+    jinja = getattr(tokenizer, "chat_template", None)
+    for name, template in TEMPLATES.items():
+        if jinja == to_jinja(template):
+            return name
+    return None
+
+
+def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
+    """A transformers LLaVA folder -> `PretrainedLlava` (backbone configs written under `workdir`)."""
+    config = LlavaConfig.from_pretrained(str(folder))
+    _check_supported(config, folder)
+    tokenizer = load_tokenizer(str(folder))
+    if image_token_id(tokenizer) != config.image_token_index:
+        raise ValueError(
+            f"{folder}: config.image_token_index={config.image_token_index} but the tokenizer's <image> id is "
+            f"{image_token_id(tokenizer)}"
+        )
+
+    vision_dir = workdir / "vision"
+    write_json(vision_dir / "config.json", config.vision_config.to_dict())
+    processor, aspect = _clip_processor(folder)
+    processor.save_pretrained(str(vision_dir))
+    llm_dir = workdir / "llm"
+    text = config.text_config.to_dict()
+    text.setdefault("architectures", [_causal_lm_class(text["model_type"])])
+    write_json(llm_dir / "config.json", text)
+
+    state = convert_hf_state_dict(read_state_dict(folder))
+    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+    if head not in state and config.text_config.tie_word_embeddings:
+        state[head] = state[embed]  # tied: saved once
+    return PretrainedLlava(
+        model_config={
+            "_target_": BUILD_TARGET,
+            "vision_tower": {
+                "name_or_path": str(vision_dir),
+                "backend": "hf_clip",
+                "feature_layer": int(config.vision_feature_layer),
+                "select_feature": "patch"
+                if config.vision_feature_select_strategy == "default"
+                else "cls_patch",
+                "pretrained": False,
+            },
+            "projector": "mlp2x_gelu",
+            "language_model": {"name_or_path": str(llm_dir), "pretrained": False},
+            "tokenizer_name_or_path": str(folder),
+        },
+        state_dict=state,
+        pretrained_parts=(),
+        kind="hf",
+        source=source,
+        template=_template_name(tokenizer),
+        image_aspect=aspect,
+    )
+
+
+def _causal_lm_class(model_type: str) -> str:
+    """The `*ForCausalLM` class name transformers registers for `model_type`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"text model_type {model_type!r} has no causal-LM class in transformers")
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
