@@ -1,0 +1,183 @@
+"""The datamodule on converted shards: 2 workers, a simulated 2-rank split, equal batches, no repeats."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from llava_lit.collate import collate
+from llava_lit.constants import IGNORE_INDEX
+from llava_lit.convert import convert
+from llava_lit.datamodule import LlavaDataModule, Segment, plan_epoch, slice_segments, split_range
+from llava_lit.tokenization import image_token_id
+
+N_IMG = 16  # the tiny 56-px / patch-14 tower
+
+
+@pytest.fixture(scope="module")
+def shards(llava_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    convert(llava_dataset["json"], llava_dataset["images"], out, samples_per_shard=5, progress=False)
+    return out  # 38 samples in 8 shards (5 x 7 + 3)
+
+
+def make_dm(shards, tokenizer, processor, **kwargs):
+    settings = dict(
+        sources=[{"path": str(shards), "weight": 1.0}],
+        template="vicuna_v1",
+        max_length=256,
+        micro_batch_size=4,
+        num_workers=2,
+        shuffle_buffer=8,
+        seed=3,
+        pin_memory=False,
+    )
+    settings.update(kwargs)
+    return LlavaDataModule(tokenizer=tokenizer, image_processor=processor, num_image_tokens=N_IMG, **settings)
+
+
+def run_epoch(dm):
+    return list(dm.train_dataloader())
+
+
+def test_two_ranks_two_workers_equal_batches_no_repeats(shards, llama_tokenizer, clip_processor_56):
+    per_rank = []
+    for rank in (0, 1):
+        dm = make_dm(shards, llama_tokenizer, clip_processor_56, world_size=2, rank=rank)
+        dm.setup("fit")
+        assert dm.num_train_samples == 38
+        batches = run_epoch(dm)
+        assert len(batches) == dm.train_batches_per_epoch == len(dm.train_dataloader())
+        per_rank.append(batches)
+        assert dm.skip_counts["repeated_to_fill"] == 0
+    assert len(per_rank[0]) == len(per_rank[1])
+    ids = [i for batches in per_rank for b in batches for i in b["ids"]]
+    assert len(ids) == 38 == len(set(ids))  # 19 per rank, every sample exactly once
+
+
+def test_batches_follow_the_contract(shards, llama_tokenizer, clip_processor_56):
+    dm = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0)
+    dm.setup("fit")
+    img = image_token_id(llama_tokenizer)
+    text_only_seen = False
+    for batch in run_epoch(dm):
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.dtype == mask.dtype == labels.dtype == torch.long
+        assert ids.shape == mask.shape == labels.shape
+        assert (ids[mask == 0] == llama_tokenizer.pad_token_id).all()
+        assert (labels[mask == 0] == IGNORE_INDEX).all()
+        trained = labels != IGNORE_INDEX
+        assert torch.equal(labels[trained], ids[trained])
+        n_images = int((ids == img).sum()) // N_IMG
+        if n_images:
+            assert batch["pixel_values"].shape == (n_images, 3, 56, 56)
+        else:
+            assert batch["pixel_values"] is None
+        text_only_seen |= any(((ids[r] == img).sum() == 0) for r in range(len(ids)))
+    assert text_only_seen
+
+
+def test_epochs_reshuffle_and_are_reproducible(shards, llama_tokenizer, clip_processor_56):
+    dm = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epoch0 = [i for b in loader for i in b["ids"]]
+    epoch1 = [i for b in loader for i in b["ids"]]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    again = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0)
+    again.setup("fit")
+    assert [i for b in again.train_dataloader() for i in b["ids"]] == epoch0
+
+
+def test_fewer_shards_than_workers(llava_dataset, llama_tokenizer, clip_processor_56, tmp_path):
+    convert(llava_dataset["json"], llava_dataset["images"], tmp_path, samples_per_shard=100, progress=False)
+    counts = []
+    for rank in (0, 1):
+        dm = make_dm(tmp_path, llama_tokenizer, clip_processor_56, world_size=2, rank=rank, num_workers=2)
+        dm.setup("fit")
+        counts.append(sum(len(b["ids"]) for b in run_epoch(dm)))
+    assert counts == [19, 19]
+
+
+def test_validation_holdout_and_mixing(shards, llama_tokenizer, clip_processor_56):
+    dm = make_dm(
+        shards,
+        llama_tokenizer,
+        clip_processor_56,
+        num_workers=0,
+        val_shards_per_source=1,
+        sources=[{"path": str(shards), "weight": 1.0}, {"path": str(shards), "weight": 0.5, "name": "half"}],
+    )
+    dm.setup("fit")
+    train_n = 38 - 3  # the last shard (3 samples) is held out of both sources
+    assert dm.num_train_samples == train_n + round(0.5 * train_n)
+    train_ids = [i for b in run_epoch(dm) for i in b["ids"]]
+    assert len(train_ids) == dm.num_train_samples
+    val_ids = [i for b in dm.val_dataloader() for i in b["ids"]]
+    assert len(val_ids) == 6 and not set(val_ids) & set(train_ids)
+
+
+def test_unmaskable_samples_are_counted_and_replaced(shards, llama_tokenizer, clip_processor_56, tmp_path):
+    # Rewrite two records so their answers contain an image marker: they cannot be learned.
+    from llava_lit.shards import ShardWriter, iter_raw_samples, parse_sample, read_manifest, write_manifest
+
+    manifest = read_manifest(shards)
+    writer = ShardWriter(tmp_path, samples_per_shard=5)
+    broken = 0
+    for shard in manifest.shards:
+        for raw in iter_raw_samples(shards / shard.name):
+            record, images = parse_sample(raw)
+            if broken < 2 and images:
+                record["conversations"][1]["value"] += " <image>"
+                broken += 1
+            writer.write(raw["__key__"], record, dict(zip(record["image_keys"], images, strict=True)))
+    writer.close()
+    write_manifest(tmp_path, dataclasses.replace(manifest, shards=writer.shards))
+
+    dm = make_dm(tmp_path, llama_tokenizer, clip_processor_56, num_workers=2)
+    dm.setup("fit")
+    batches = run_epoch(dm)
+    assert len(batches) == dm.train_batches_per_epoch
+    assert sum(len(b["ids"]) for b in batches) == 38  # the two skipped samples are replaced by repeats
+    assert dm.skip_counts["image_in_answer"] == 2
+    assert dm.skip_counts["repeated_to_fill"] == 2
+    for b in batches:  # no sample trains at zero loss
+        assert ((b["labels"] != IGNORE_INDEX).sum(dim=1) > 0).all()
+
+
+def test_plan_and_split_helpers():
+    assert [split_range(10, 3, i) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert split_range(1, 2, 1) == (1, 1)
+    segs = [Segment("a", 0, 5), Segment("b", 0, 3)]
+    assert slice_segments(segs, 3, 7) == [Segment("a", 3, 5), Segment("b", 0, 2)]
+    from llava_lit.datamodule import Source
+
+    src = Source("s", 2.0, (("a", 5), ("b", 3)))
+    plan = plan_epoch([src], seed=0, epoch=0, shuffle=True)
+    assert sum(len(s) for s in plan) == 16
+
+
+def test_collate_pads_right(llama_tokenizer):
+    samples = [
+        {
+            "id": "a",
+            "input_ids": torch.tensor([1, 5, 6]),
+            "labels": torch.tensor([-100, 5, 6]),
+            "pixel_values": None,
+        },
+        {
+            "id": "b",
+            "input_ids": torch.tensor([1, 7]),
+            "labels": torch.tensor([-100, 7]),
+            "pixel_values": torch.zeros(2, 3, 4, 4),
+        },
+    ]
+    batch = collate(samples, pad_token_id=9)
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["ids"] == ["a", "b"]
+    assert json.dumps(batch["ids"])
