@@ -19,7 +19,12 @@ def test_mlp2x_gelu_has_official_indices() -> None:
     proj = build_projector("mlp2x_gelu", 1024, 4096)
     assert [type(m) for m in proj] == [nn.Linear, nn.GELU, nn.Linear]
     shapes = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
-    assert shapes == {"0.weight": (4096, 1024), "0.bias": (4096,), "2.weight": (4096, 4096), "2.bias": (4096,)}
+    assert shapes == {
+        "0.weight": (4096, 1024),
+        "0.bias": (4096,),
+        "2.weight": (4096, 4096),
+        "2.bias": (4096,),
+    }
     assert sum(p.numel() for p in proj.parameters()) == 20_979_712
 
 

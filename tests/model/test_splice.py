@@ -31,13 +31,17 @@ def check_splice(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch
         for row in range(input_ids.shape[0]):
             positions = mask[row].nonzero().squeeze(1)
             for start in range(0, len(positions), t):
-                torch.testing.assert_close(embeds[row, positions[start : start + t]], features[k], rtol=0, atol=0)
+                torch.testing.assert_close(
+                    embeds[row, positions[start : start + t]], features[k], rtol=0, atol=0
+                )
                 k += 1
         assert k == pixel_values.shape[0]
 
 
 def test_splice_single_image_per_row(image_row, tiny_llava: LlavaModel) -> None:
-    ids = torch.tensor([image_row(tiny_llava, [1, 319], [29871, 13]), image_row(tiny_llava, [1], [450, 29892, 13])])
+    ids = torch.tensor(
+        [image_row(tiny_llava, [1, 319], [29871, 13]), image_row(tiny_llava, [1], [450, 29892, 13])]
+    )
     check_splice(tiny_llava, ids, torch.randn(2, 3, 56, 56))
 
 
@@ -60,7 +64,9 @@ def test_identity_like_projector_puts_raw_tower_features_in_place(image_row, bui
 
 
 def test_two_images_in_one_sample_take_images_in_order(image_row, tiny_llava: LlavaModel) -> None:
-    ids = torch.tensor([image_row(tiny_llava, [1, 319], [13], n_images=2), image_row(tiny_llava, [1], [13] * 19)])
+    ids = torch.tensor(
+        [image_row(tiny_llava, [1, 319], [13], n_images=2), image_row(tiny_llava, [1], [13] * 19)]
+    )
     pixels = torch.randn(3, 3, 56, 56)
     check_splice(tiny_llava, ids, pixels)
     out = tiny_llava(ids, torch.ones_like(ids), pixels)
@@ -82,7 +88,9 @@ def test_text_only_batch_never_calls_the_tower(tiny_llava: LlavaModel) -> None:
 def test_mixed_batch_text_only_row_matches_its_solo_run(image_row, tiny_llava: LlavaModel) -> None:
     calls = count_tower_calls(tiny_llava)
     image_ids = image_row(tiny_llava, [1, 319], [13])
-    text_ids = [1, 450, 29892, 13] + [tiny_llava.language_model.config.pad_token_id or 0] * (len(image_ids) - 4)
+    text_ids = [1, 450, 29892, 13] + [tiny_llava.language_model.config.pad_token_id or 0] * (
+        len(image_ids) - 4
+    )
     ids = torch.tensor([text_ids, image_ids])
     mask = torch.ones_like(ids)
     mask[0, 4:] = 0
@@ -91,7 +99,9 @@ def test_mixed_batch_text_only_row_matches_its_solo_run(image_row, tiny_llava: L
     with torch.no_grad():
         mixed = tiny_llava(ids, mask, pixels).logits
         solo = tiny_llava(ids[:1, :4], mask[:1, :4]).logits
-    assert calls[0] == 3  # check_splice: splice + reference encode; then the mixed forward; never the solo one
+    assert (
+        calls[0] == 3
+    )  # check_splice: splice + reference encode; then the mixed forward; never the solo one
     torch.testing.assert_close(mixed[0, :4], solo[0], rtol=1e-5, atol=1e-5)
 
 

@@ -93,7 +93,12 @@ def test_timm_vit_tower(select: str, tokens: int) -> None:
 
 def test_timm_image_processor_matches_model_resolution() -> None:
     tower = build_vision_tower(
-        {"name_or_path": "vit_tiny_patch16_224", "backend": "timm", "pretrained": False, "timm_kwargs": TIMM_TINY}
+        {
+            "name_or_path": "vit_tiny_patch16_224",
+            "backend": "timm",
+            "pretrained": False,
+            "timm_kwargs": TIMM_TINY,
+        }
     )
     proc = tower.image_processor
     assert (proc.crop_size["height"], proc.crop_size["width"]) == (32, 32)
