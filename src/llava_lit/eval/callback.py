@@ -93,13 +93,23 @@ class SampleAnswersCallback(pl.Callback):
             return
         import wandb  # only with a WandbLogger attached, which already imported it
 
-        rows = []
+        rows, images, captions = [], [], []
         for q, answer in zip(self.questions, answers, strict=True):
             image = None
             if q.image is not None:
                 with Image.open(Path(self.benchmark.image_folder) / q.image) as img:
-                    image = wandb.Image(img.convert("RGB"))
-            rows.append([q.question_id, image, q.text, answer, self._reference(q)])
+                    image = img.convert("RGB")
+                images.append(image)
+                captions.append(f"{q.question_id}: {answer}")
+            rows.append(
+                [q.question_id, wandb.Image(image) if image else None, q.text, answer, self._reference(q)]
+            )
         columns = ["question_id", "image", "prompt", "answer", "reference"]
         for lg in loggers:
             lg.log_table(key=f"{self.key}/answers", columns=columns, data=rows, step=trainer.global_step)
+            # A run-logged table keeps its images in a table artifact, not among the run's files; logging them
+            # once more as plain media keeps them visible in offline run folders too.
+            if images:
+                lg.log_image(
+                    key=f"{self.key}/images", images=images, caption=captions, step=trainer.global_step
+                )
