@@ -6,19 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from llava_lit.constants import DEFAULT_PAD_TOKEN, IMAGE_TOKEN
 from llava_lit.model import LlavaModel, build_llava
+from llava_lit.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_backbones: Path) -> PreTrainedTokenizerBase:
-    """The tiny LLM's 32k LLaMA tokenizer with `<pad>` (32000) and `<image>` (32001) added, as the data path does."""
-    tok = AutoTokenizer.from_pretrained(tiny_backbones / "llm")
-    tok.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
-    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    return tok
+    """The tiny LLM's 32k LLaMA tokenizer with `<image>` and `<pad>` added by the project's loader (32002 tokens)."""
+    return load_tokenizer(str(tiny_backbones / "llm"))
 
 
 @pytest.fixture
