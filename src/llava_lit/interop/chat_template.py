@@ -2,7 +2,7 @@
 
 The Jinja is generated from the `ChatTemplate` fields (system prompt, role headers, separators, end-of-turn), never
 typed by hand, so it cannot drift from the template the model was trained with. It also reproduces the data
-pipeline's image placement (`tokenization.normalize_image_markers`): every image of a user turn becomes one
+pipeline's image placement (`conversation.place_image_markers`): every image of a user turn becomes one
 `<image>\\n` at the front of the turn, whether the turn's content is a string with `<image>` markers or a list of
 `{"type": "image"}` / `{"type": "text"}` parts. BOS is not part of the template: the tokenizer adds it, exactly
 as in training.
@@ -29,7 +29,7 @@ def to_jinja(template: ChatTemplate) -> str:
     """
     image = _lit(IMAGE_TOKEN)
     # Per user message: count images and collect text. String content: split on the marker, strip the pieces,
-    # join the non-empty ones with a space (what `normalize_image_markers`' regex substitution produces).
+    # join the non-empty ones with a space (what `place_image_markers`' regex substitution produces).
     return "".join(
         [
             "{%- set ns = namespace(system="

@@ -165,3 +165,29 @@ def _export_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     exported.padding_side = "left"
     exported.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
     return exported
+
+
+def verify_export(model: LlavaModel, out_dir: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4) -> float:
+    """Load the export with transformers and check it computes our logits; returns the max abs difference.
+
+    Raises when transformers reports missing/unexpected keys or the logits differ beyond the tolerance. The input
+    is a fixed prompt of one image (seeded random pixels) between text tokens, so every module is exercised.
+    """
+    hf, info = LlavaForConditionalGeneration.from_pretrained(str(out_dir), output_loading_info=True)
+    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        raise ValueError(f"transformers loaded {out_dir} with problems: {bad} {info.get('error_msgs')}")
+    hf.eval()
+    generator = torch.Generator().manual_seed(0)
+    size = hf.config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=generator)
+    image_id = hf.config.image_token_index
+    text = torch.randint(3, min(hf.config.text_config.vocab_size, 32000), (12,), generator=generator).tolist()
+    ids = torch.tensor([[1, *text[:4], *([image_id] * hf.config.image_seq_length), *text[4:]]])
+    mask = torch.ones_like(ids)
+    dtype = next(hf.parameters()).dtype
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=pixel_values.to(dtype)).logits.float()
+        ours = model(ids, mask, pixel_values.to(model.vision_tower.dtype)).logits.float()
+    torch.testing.assert_close(theirs, ours, atol=atol, rtol=rtol)
+    return float((theirs - ours).abs().max())
