@@ -181,3 +181,20 @@ def test_collate_pads_right(llama_tokenizer):
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["ids"] == ["a", "b"]
     assert json.dumps(batch["ids"])
+
+
+@pytest.mark.parametrize("name", ["lcs558k", "mix665k"])
+def test_data_configs_instantiate(name, shards, llama_tokenizer, clip_processor_56):
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / f"{name}.yaml")
+    cfg.sources[0].path = str(shards)
+    cfg.num_workers = 0
+    dm = instantiate(
+        cfg, tokenizer=llama_tokenizer, image_processor=clip_processor_56, num_image_tokens=N_IMG
+    )
+    dm.setup("fit")
+    assert dm.num_train_samples == 35 and dm.train_batches_per_epoch >= 1
