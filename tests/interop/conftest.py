@@ -31,6 +31,19 @@ def build_tiny(tiny_backbones: Path, tokenizer, projector: str = "mlp2x_gelu", s
 
 
 @pytest.fixture(scope="session")
+def tiny_run_config(tiny_backbones: Path) -> dict:
+    """A resolved run config as training stores it (`checkpoint["llava_lit_config"]`) for the tiny model."""
+    return {
+        "model": model_node(tiny_backbones),
+        "data": {"template": "vicuna_v1", "image_aspect": "pad", "max_length": 256},
+        "stage": {"name": "finetune", "train_vision_tower": False},
+        "run_name": "tiny",
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-5},
+        "global_batch_size": 8,
+    }
+
+
+@pytest.fixture(scope="session")
 def make_tiny(tiny_backbones: Path, llama_tokenizer):
     """`make_tiny(projector="mlp2x_gelu", seed=0)` -> a fresh tiny `LlavaModel`."""
 
