@@ -141,6 +141,13 @@ class LlavaLitModule(L.LightningModule):
             )
         self._last_step_end = now
 
+    def on_train_epoch_end(self) -> None:
+        # Samples the data pipeline skipped (unmaskable, undecodable, too long...), per reason, so a run that
+        # silently loses data shows it on the dashboard.
+        counts = getattr(self.trainer.datamodule, "skip_counts", None) or {}
+        for reason, n in counts.items():
+            self.log(f"data/skipped/{reason}", float(n), sync_dist=True, reduce_fx="sum")
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:

@@ -83,6 +83,15 @@ def uses_world(cfg: DictConfig) -> bool:
     return world_dir in resolved
 
 
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run configuration, without the `hydra` node (launcher state, absent under `@hydra.main`)."""
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
+
+
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
     """Tokenizer, model (with its starting projector), datamodule and LightningModule from the config."""
     tokenizer_src = cfg.model.get("tokenizer_name_or_path") or cfg.model.language_model.name_or_path
@@ -113,7 +122,7 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         warmup_ratio=module_cfg["warmup_ratio"],
         min_lr_ratio=module_cfg["min_lr_ratio"],
         sharding=ShardingConfig(**module_cfg["sharding"]),
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        run_config=run_config(cfg),
     )
     return module, datamodule
 

@@ -1,0 +1,119 @@
+"""End-to-end stage runs on tiny backbones through the real config: what trains, the stage handoff, resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava_lit.train import build_components, build_trainer, train
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
+        for part in ("vision_tower", "projector", "language_model")
+    }
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _fit(cfg):
+    module, datamodule = build_components(cfg)
+    before = _snapshot(module.model)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return trainer, module, before, _snapshot(module.model)
+
+
+def test_align_trains_only_the_projector_and_writes_handoff(compose_train):
+    cfg = compose_train("trainer.max_steps=2", "trainer.limit_val_batches=1", stage="align")
+    trainer, module, before, after = _fit(cfg)
+    assert trainer.global_step == 2
+    assert _changed(before["projector"], after["projector"])
+    assert not _changed(before["vision_tower"], after["vision_tower"])
+    assert not _changed(before["language_model"], after["language_model"])
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    assert (ckpt_dir / "last.ckpt").is_file()
+    saved = load_file(str(ckpt_dir / "projector.safetensors"))
+    assert saved.keys() == after["projector"].keys()
+    for k, v in saved.items():
+        torch.testing.assert_close(v, after["projector"][k], rtol=0, atol=0)
+    # Every step is logged with the loss, learning rates, grad norm and throughput.
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    expected = {"train/loss", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s"}
+    assert expected <= columns
+    assert any(c.startswith("lr/projector") for c in columns)
+    checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["llava_lit_config"]["stage"]["name"] == "align"
+
+
+def test_finetune_starts_from_align_projector_and_trains_projector_and_llm(compose_train, tmp_path):
+    align = compose_train("trainer.max_steps=2", "trainer.limit_val_batches=0", stage="align")
+    train(align)
+    projector_file = Path(align.paths.output_dir) / "checkpoints" / "projector.safetensors"
+    # finetune's default init_projector is the align output of the same run_name.
+    cfg = compose_train("trainer.max_steps=2", "trainer.limit_val_batches=1", stage="finetune")
+    assert Path(cfg.init_projector) == projector_file
+    module, _ = build_components(cfg)
+    for k, v in load_file(str(projector_file)).items():
+        torch.testing.assert_close(module.model.projector.state_dict()[k], v, rtol=0, atol=0)
+    trainer, module, before, after = _fit(cfg)
+    assert _changed(before["projector"], after["projector"])
+    assert _changed(before["language_model"], after["language_model"])
+    assert not _changed(before["vision_tower"], after["vision_tower"])
+
+
+def test_finetune_accepts_official_mm_projector_bin(compose_train, tmp_path):
+    cfg = compose_train("init_projector=null", stage="finetune")
+    module, _ = build_components(cfg)
+    official = {
+        f"model.mm_projector.{k}": torch.randn_like(v) for k, v in module.model.projector.state_dict().items()
+    }
+    assert set(official) == {f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    path = tmp_path / "mm_projector.bin"
+    torch.save(official, path)
+    cfg = compose_train(f"init_projector={path}", stage="finetune")
+    module, _ = build_components(cfg)
+    for k, v in module.model.projector.state_dict().items():
+        torch.testing.assert_close(v, official[f"model.mm_projector.{k}"], rtol=0, atol=0)
+
+
+def test_missing_init_projector_is_a_clear_error(compose_train, tmp_path):
+    cfg = compose_train(f"init_projector={tmp_path / 'nope.safetensors'}", stage="finetune")
+    with pytest.raises(SystemExit, match="does not exist"):
+        build_components(cfg)
+
+
+def test_vision_tower_trains_only_when_configured(compose_train):
+    cfg = compose_train(
+        "trainer.max_steps=1", "init_projector=null", "stage.train_vision_tower=true", stage="finetune"
+    )
+    _, _, before, after = _fit(cfg)
+    assert _changed(before["vision_tower"], after["vision_tower"])
+
+
+def test_resume_continues_from_a_mid_epoch_checkpoint(compose_train):
+    # 32 samples / micro-batch 4 = 8 batches per epoch, 2 per optimizer step: step 2 is mid-epoch.
+    first = compose_train(
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        stage="align",
+    )
+    train(first)
+    mid = Path(first.paths.output_dir) / "checkpoints" / "step000002.ckpt"
+    cfg = compose_train(
+        "trainer.max_steps=4", "trainer.limit_val_batches=0", f"ckpt_path={mid}", stage="align"
+    )
+    trainer, *_ = _fit(cfg)
+    assert trainer.global_step == 4
+    # The remaining 4 batches of epoch 0 ran; no second epoch started.
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 8
+    assert trainer.fit_loop.epoch_progress.total.started == 1
