@@ -96,10 +96,10 @@ class WorldConfig:
     samples_per_shard: int = 2000
     """Samples per WebDataset shard written by the converter."""
 
-    tokenizer_vocab_size: int = 512
+    tokenizer_vocab_size: int = 640
     """Sentencepiece vocabulary (incl. 256 byte-fallback pieces and <unk>/<s>/</s>); an upper bound."""
 
-    clip_hidden_size: int = 128
+    clip_hidden_size: int = 96
     """Width of both CLIP towers."""
 
     clip_layers: int = 4
@@ -108,7 +108,7 @@ class WorldConfig:
     clip_heads: int = 4
     """Attention heads of both CLIP towers."""
 
-    clip_steps: int = 700
+    clip_steps: int = 500
     """Contrastive pretraining steps of the tiny CLIP."""
 
     clip_batch_size: int = 128
@@ -117,7 +117,7 @@ class WorldConfig:
     clip_lr: float = 1e-3
     """Peak AdamW learning rate of the CLIP pretraining (cosine decay after a short warm-up)."""
 
-    llm_hidden_size: int = 256
+    llm_hidden_size: int = 128
     """Width of the tiny LLaMA."""
 
     llm_layers: int = 4
@@ -129,7 +129,7 @@ class WorldConfig:
     llm_max_positions: int = 512
     """Context length of the tiny LLaMA (image tokens + text must fit in it)."""
 
-    llm_steps: int = 500
+    llm_steps: int = 400
     """Causal-LM pretraining steps of the tiny LLaMA."""
 
     llm_batch_size: int = 32

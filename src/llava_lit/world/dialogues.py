@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.conversation import VICUNA_SYSTEM
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import SLOTS, Scene, SceneObject
 
@@ -27,13 +28,6 @@ POSITION_PHRASES = {
 }
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-
-# The Vicuna v1 system prompt that stage 2 renders before every conversation. It is part of the LM/tokenizer
-# corpus so that it tokenizes into a few pieces (not ~150 byte-fallback tokens) and the tiny LLaMA knows it.
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 BRIEF_PROMPTS = [
     "Describe the image concisely.",
@@ -350,24 +344,23 @@ def eval_questions(
     return questions, gold
 
 
-def lm_documents(scenes: list[Scene], cfg: WorldConfig, rng: random.Random) -> list[list[str]]:
-    """Text-only documents for the tokenizer and the tiny LLaMA: each a list of segments that end with EOS.
+def lm_documents(scenes: list[Scene], cfg: WorldConfig, rng: random.Random, eos: str = "</s>") -> list[str]:
+    """Text-only documents for the tokenizer and the tiny LLaMA, each ending with `eos`.
 
-    Captions, detailed descriptions and the questions/answers of every type, with the chats rendered as the
-    Vicuna v1 template renders them (system prompt, "USER: ... ASSISTANT: ...", EOS after each answer).
+    Captions, detailed descriptions, and chats with questions of every type rendered as the Vicuna v1
+    template renders them (system prompt, "USER: ... ASSISTANT: ...", `eos` after each answer), so the
+    pretrained LM already knows the prompt format and the tokenizer has pieces for the system prompt
+    (instead of ~150 byte-fallback tokens per sample).
     """
-    docs: list[list[str]] = []
+    docs: list[str] = []
     for scene in scenes:
-        docs.append([caption(scene)])
-        docs.append([detailed_description(scene)])
+        docs.append(caption(scene) + eos)
+        docs.append(detailed_description(scene) + eos)
         qas = [qa for group in all_qas(scene, cfg, rng).values() for qa in group]
         rng.shuffle(qas)
-        qas = qas[: cfg.conversation_turns]
-        docs.append(
-            [f"{VICUNA_SYSTEM} USER: {qas[0].question} ASSISTANT: {qas[0].answer}"]
-            + [f"USER: {qa.question} ASSISTANT: {qa.answer}" for qa in qas[1:]]
-        )
+        turns = [f"USER: {qa.question} ASSISTANT: {qa.answer}{eos}" for qa in qas[: cfg.conversation_turns]]
+        docs.append(f"{VICUNA_SYSTEM} " + "".join(turns))
     for q, a in text_only_qas(cfg, rng):
-        docs.append([f"{VICUNA_SYSTEM} USER: {q} ASSISTANT: {a}"])
+        docs.append(f"{VICUNA_SYSTEM} USER: {q} ASSISTANT: {a}{eos}")
     rng.shuffle(docs)
     return docs

@@ -1,0 +1,268 @@
+"""One-command build of the miniature world, cached by config fingerprint: `ensure_world(out_dir)`.
+
+Layout of a built world (the training/eval configs depend on it):
+
+    <out>/world.json                      config, fingerprint, per-step timings, backbone quality metrics
+    <out>/images/{train,val}/*.png        rendered training/validation scenes
+    <out>/scenes/{train,val,eval}.jsonl   ground truth of every scene
+    <out>/records/{align,finetune,val_align,val_finetune}.json   LLaVA-format records (image paths
+                                          relative to <out>/images/)
+    <out>/data/{align,finetune,val_align,val_finetune}/          WebDataset shards + manifest.json
+    <out>/clip/                           CLIPVisionModel + CLIPImageProcessor (save_pretrained)
+    <out>/clip_full/                      the whole tiny CLIP (vision + text towers)
+    <out>/llm/                            LlamaForCausalLM + its sentencepiece tokenizer (save_pretrained)
+    <out>/eval/questions.jsonl            held-out questions, official format (question_id, image, text, category)
+    <out>/eval/answers_gt.jsonl           gold answers and keys for `score.score_answers`
+    <out>/eval/images/*.png               held-out scenes, never rendered for training
+
+The build writes into a sibling temporary folder and renames it into place when complete, so an interrupted
+build is never mistaken for a cached one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from llava_lit.world.backbones import (
+    clip_quality,
+    save_clip,
+    save_llm,
+    train_clip,
+    train_llm,
+    train_tokenizer,
+)
+from llava_lit.world.config import WorldConfig
+from llava_lit.world.dialogues import (
+    align_record,
+    eval_questions,
+    finetune_records,
+    lm_documents,
+    text_only_records,
+)
+from llava_lit.world.scenes import Scene, blank_image, generate_scene_sets, render_scene
+
+__all__ = ["WorldConfig", "blank_image", "build_world", "ensure_world", "load_world_info"]
+
+log = logging.getLogger(__name__)
+
+INFO_NAME = "world.json"
+
+
+def load_world_info(out_dir: str | Path) -> dict | None:
+    """The `world.json` of a built world, or None if there is none."""
+    path = Path(out_dir) / INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ensure_world(out_dir: str | Path, cfg: WorldConfig | None = None) -> Path:
+    """Return `out_dir` holding the world for `cfg` (default `WorldConfig()`), building it if missing or stale.
+
+    A world is reused when its `world.json` fingerprint equals `cfg.fingerprint()`; otherwise it is rebuilt.
+    Concurrent callers (e.g. several ranks) serialise on a lock file beside `out_dir`; all but the first
+    find the finished world.
+    """
+    cfg = cfg or WorldConfig()
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(out.parent / f".{out.name}.lock"):
+        info = load_world_info(out)
+        if info is not None and info.get("fingerprint") == cfg.fingerprint():
+            return out
+        if info is not None:
+            log.warning(
+                "world at %s was built for another config (%s); rebuilding", out, info.get("fingerprint")
+            )
+        return build_world(cfg, out)
+
+
+def build_world(cfg: WorldConfig, out_dir: str | Path) -> Path:
+    """Build the whole world for `cfg` into `out_dir` (replacing a previous world there); returns `out_dir`."""
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists() and not (out / INFO_NAME).is_file() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists and is not a world folder (no {INFO_NAME}); refusing to replace it"
+        )
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.torch_threads)
+    try:
+        info = _build(cfg, tmp)
+    finally:
+        torch.set_num_threads(threads)
+    (tmp / INFO_NAME).write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _build(cfg: WorldConfig, out: Path) -> dict:
+    console = Console(stderr=True)
+    timings: dict[str, float] = {}
+    metrics: dict[str, dict] = {}
+    rng = random.Random(cfg.seed)
+    n_scenes = cfg.n_train_scenes + cfg.n_val_scenes + cfg.n_eval_scenes
+    columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+
+        @contextmanager
+        def step(name: str, total: int):
+            task = progress.add_task(name, total=total)
+            start = time.perf_counter()
+            yield lambda n=1: progress.advance(task, n)
+            timings[name] = round(time.perf_counter() - start, 2)
+            progress.update(task, completed=total)
+
+        with step("scenes + images", n_scenes) as advance:
+            scenes = generate_scene_sets(cfg)
+            pixels = {}
+            for split, group in scenes.items():
+                folder = out / ("eval/images" if split == "eval" else f"images/{split}")
+                pixels[split] = _render_split(group, cfg, folder, advance)
+                _write_jsonl(out / "scenes" / f"{split}.jsonl", [s.to_dict() for s in group])
+
+        with step("records + questions", 4) as advance:
+            records = _write_records(scenes, cfg, out / "records", rng)
+            advance()
+            questions, gold = eval_questions(scenes["eval"], cfg, rng)
+            _write_jsonl(out / "eval" / "questions.jsonl", questions)
+            _write_jsonl(out / "eval" / "answers_gt.jsonl", gold)
+            advance()
+            train_docs = lm_documents(scenes["train"], cfg, rng)
+            heldout_docs = lm_documents(scenes["eval"], cfg, rng)
+            advance(2)
+
+        with step("tokenizer", 1) as advance:
+            tok_dir = out / "llm"
+            sentences = [p.strip() for d in train_docs for p in d.split("</s>") if p.strip()]
+            tok = train_tokenizer(sentences, cfg, tok_dir)
+            advance()
+
+        with step("clip pretraining", cfg.clip_steps) as advance:
+            clip, metrics["clip"] = train_clip(
+                torch.from_numpy(pixels["train"]), scenes["train"], tok, cfg, advance
+            )
+            metrics["clip"].update(
+                clip_quality(clip, torch.from_numpy(pixels["eval"]), scenes["eval"], tok, cfg)
+            )
+            save_clip(clip, cfg, out / "clip", out / "clip_full")
+
+        with step("llm pretraining", cfg.llm_steps) as advance:
+            llm, metrics["llm"] = train_llm(train_docs, heldout_docs, tok, cfg, advance)
+            save_llm(llm, tok_dir, out / "llm")
+
+        with step("shards", len(records)) as advance:
+            metrics["shards"] = _write_shards(records, cfg, out, advance)
+
+    console.print(f"[bold]world built[/bold] in {sum(timings.values()):.0f} s: {out}")
+    return {
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "num_image_tokens": cfg.num_image_tokens,
+        "counts": {
+            **{f"{k}_scenes": len(v) for k, v in scenes.items()},
+            **{f"{k}_records": len(v) for k, v in records.items()},
+            "eval_questions": len(questions),
+        },
+        "timings_s": timings,
+        "metrics": metrics,
+    }
+
+
+def _render_split(scenes: list[Scene], cfg: WorldConfig, folder: Path, advance) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = np.empty((len(scenes), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    for i, scene in enumerate(scenes):
+        img = render_scene(scene, cfg)
+        img.save(folder / f"{scene.scene_id}.png", optimize=False)
+        arrays[i] = np.asarray(img)
+        advance()
+    return arrays
+
+
+def _write_records(
+    scenes: dict[str, list[Scene]], cfg: WorldConfig, folder: Path, rng: random.Random
+) -> dict:
+    records: dict[str, list[dict]] = {}
+    for split, prefix in [("train", ""), ("val", "val_")]:
+        group = scenes[split]
+        images = [f"{split}/{s.scene_id}.png" for s in group]
+        records[f"{prefix}align"] = [align_record(s, img, rng) for s, img in zip(group, images, strict=True)]
+        tuned = [r for s, img in zip(group, images, strict=True) for r in finetune_records(s, img, cfg, rng)]
+        n_text = round(len(tuned) * cfg.text_only_fraction / (1 - cfg.text_only_fraction))
+        text = text_only_records(n_text, cfg, rng)
+        for r in text:
+            r["id"] = f"{prefix}{r['id']}"
+        tuned += text
+        rng.shuffle(tuned)
+        records[f"{prefix}finetune"] = tuned
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, recs in records.items():
+        (folder / f"{name}.json").write_text(json.dumps(recs, indent=1))
+    return records
+
+
+def _write_shards(records: dict[str, list[dict]], cfg: WorldConfig, out: Path, advance) -> dict:
+    # Imported here: the converter pulls in the data pipeline, which the rest of the world build does not need.
+    from llava_lit.convert import convert
+    from llava_lit.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(str(out / "llm"))
+    stats = {}
+    for name, recs in records.items():
+        manifest = convert(
+            out / "records" / f"{name}.json",
+            out / "images",
+            out / "data" / name,
+            samples_per_shard=cfg.samples_per_shard,
+            tokenizer=tokenizer,
+            template="plain" if name.endswith("align") else "vicuna_v1",
+            num_image_tokens=cfg.num_image_tokens,
+            max_length=cfg.llm_max_positions,
+            source=name,
+            num_threads=2,
+            progress=False,
+        )
+        if manifest.skipped or manifest.num_samples != len(recs):
+            raise RuntimeError(f"converter skipped world records of {name}: {manifest.skipped}")
+        tl = manifest.token_lengths
+        stats[name] = {
+            "samples": manifest.num_samples,
+            "shards": len(manifest.shards),
+            "token_lengths": None if tl is None else dataclasses.asdict(tl),
+        }
+        advance(1)
+    return stats
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+@contextmanager
+def _lock(path: Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

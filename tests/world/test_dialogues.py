@@ -1,0 +1,152 @@
+"""Captions, questions and answers are derived correctly from the ground truth."""
+
+from __future__ import annotations
+
+import random
+
+from llava_lit.world.config import WorldConfig
+from llava_lit.world.dialogues import (
+    QUESTION_TYPES,
+    align_record,
+    all_qas,
+    caption,
+    detailed_description,
+    eval_questions,
+    finetune_records,
+    lm_documents,
+    text_only_records,
+)
+from llava_lit.world.scenes import Scene, SceneObject, generate_scene_sets
+from llava_lit.world.score import is_correct
+
+CFG = WorldConfig.ci()
+
+
+def obj(shape, color, position, size="small"):
+    return SceneObject(shape=shape, color=color, size=size, position=position, cx=0.5, cy=0.5)
+
+
+SCENE = Scene(
+    scene_id="t-0",
+    background="gray",
+    background_rgb=(128, 128, 128),
+    objects=(
+        obj("circle", "red", "left"),
+        obj("square", "blue", "right"),
+        obj("circle", "orange", "top", "large"),
+    ),
+)
+
+
+def by_question(qas):
+    return {qa.question: qa for group in qas.values() for qa in group}
+
+
+def test_caption_and_description():
+    two = Scene("t-1", "white", (246, 246, 246), SCENE.objects[:2])
+    assert caption(two) == "a red circle on the left and a blue square on the right"
+    assert (
+        caption(SCENE)
+        == "an orange circle at the top, a red circle on the left and a blue square on the right"
+    )
+    text = detailed_description(SCENE)
+    assert text.startswith("The image shows 3 shapes on a gray background.")
+    assert "There is a large orange circle at the top." in text
+
+
+def test_every_question_form_with_its_answer():
+    qas = by_question(all_qas(SCENE, CFG, random.Random(0)))
+    expected = {
+        "What color is the square?": ("color", "blue", "The square is blue."),
+        "What shape is the red object?": ("shape", "circle", "The red object is a circle."),
+        "What shape is the blue object?": ("shape", "square", "The blue object is a square."),
+        "How many shapes are there?": ("count", "3", "There are 3 shapes."),
+        "Where is the red circle?": ("position", "left", "The red circle is on the left."),
+        "Where is the orange circle?": ("position", "top", "The orange circle is at the top."),
+        "Which shape is closest to the top?": (
+            "closest",
+            "orange circle",
+            "The orange circle is closest to the top.",
+        ),
+        "Which shape is closest to the left?": (
+            "closest",
+            "red circle",
+            "The red circle is closest to the left.",
+        ),
+        "If the red shape were removed, how many shapes would remain?": (
+            "remove",
+            "2",
+            "Without the red circle, 2 shapes would remain.",
+        ),
+    }
+    for question, (category, key, answer) in expected.items():
+        qa = qas[question]
+        assert (qa.category, qa.key, qa.answer) == (category, key, answer)
+        assert is_correct({"category": category, "key": key, "candidates": list(qa.candidates)}, qa.answer)
+    # Two circles: "What color is the circle?" would be ambiguous, so it is never asked.
+    assert "What color is the circle?" not in qas
+    # "Closest to the bottom": left and right tie, so it is not asked either.
+    assert "Which shape is closest to the bottom?" not in qas
+
+
+def test_existence_yes_and_no():
+    answers = {}
+    for seed in range(60):
+        qa = all_qas(SCENE, CFG, random.Random(seed))["exist"][0]
+        color, shape = qa.question.removeprefix("Is there ").rstrip("?").split(" ")[-2:]
+        present = (color, shape) in {(o.color, o.shape) for o in SCENE.objects}
+        assert qa.key == ("yes" if present else "no")
+        assert qa.answer.lower().startswith(qa.key)
+        answers[qa.key] = qa.answer
+    assert set(answers) == {"yes", "no"}
+    assert answers["no"].startswith("No, there is no ")
+
+
+def test_single_object_scene_counts_and_articles():
+    one = Scene("t-2", "black", (18, 18, 18), (obj("triangle", "orange", "center"),))
+    qas = by_question(all_qas(one, CFG, random.Random(0)))
+    assert qas["How many shapes are there?"].answer == "There is 1 shape."
+    assert qas["What color is the triangle?"].answer == "The triangle is orange."
+    assert qas["Where is the orange triangle?"].answer == "The orange triangle is in the center."
+    assert qas["If the orange shape were removed, how many shapes would remain?"].key == "0"
+    assert not any(q.startswith("Which shape is closest") for q in qas)
+
+
+def test_records_are_llava_format():
+    rng = random.Random(0)
+    rec = align_record(SCENE, "train/t-0.png", rng)
+    assert rec["image"] == "train/t-0.png"
+    assert rec["conversations"][0]["value"].startswith("<image>\n")
+    assert rec["conversations"][1] == {"from": "gpt", "value": caption(SCENE)}
+    kinds = set()
+    for seed in range(20):
+        for r in finetune_records(SCENE, "train/t-0.png", CFG, random.Random(seed)):
+            kinds.add(r["id"].split("-")[0])
+            turns = r["conversations"]
+            assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+            assert turns[0]["value"].startswith("<image>\n")
+            assert sum("<image>" in t["value"] for t in turns) == 1
+    assert kinds == {"conv", "detail", "complex"}
+    for r in text_only_records(10, CFG, random.Random(0)):
+        assert "image" not in r and all("<image>" not in t["value"] for t in r["conversations"])
+
+
+def test_eval_questions_cover_every_type_on_held_out_scenes():
+    sets = generate_scene_sets(WorldConfig.ci(n_eval_scenes=80))
+    questions, gold = eval_questions(sets["eval"], CFG, random.Random(0))
+    assert [q["question_id"] for q in questions] == [g["question_id"] for g in gold]
+    assert {q["category"] for q in questions} == set(QUESTION_TYPES)
+    for category in QUESTION_TYPES:
+        assert sum(q["category"] == category for q in questions) == CFG.eval_questions_per_type
+    eval_ids = {s.scene_id for s in sets["eval"]}
+    assert all(g["scene_id"] in eval_ids and g["image"] == g["scene_id"] + ".png" for g in gold)
+    assert all(is_correct(g, g["answer"]) for g in gold)
+    assert all(set(q) == {"question_id", "image", "text", "category"} for q in questions)
+
+
+def test_lm_documents_use_the_vicuna_format():
+    sets = generate_scene_sets(WorldConfig.ci(n_train_scenes=20))
+    docs = lm_documents(sets["train"], CFG, random.Random(0))
+    chats = [d for d in docs if "USER: " in d]
+    assert chats and all(d.startswith("A chat between") and d.endswith("</s>") for d in chats)
+    assert all(d.endswith("</s>") for d in docs)
