@@ -1,0 +1,134 @@
+"""Every config file composes, and what can be built without downloads or GPUs is built.
+
+Mirrors lightning-hydra-template's config tests: compose the real `conf/train.yaml` with each choice of each
+group and with every experiment file, then instantiate trainers, strategies, loggers, callbacks and data modules.
+Real-size models are built on the meta device from the configs held in `conf/hf_configs/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from llava_lit.train import world_size
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+HF_CONFIGS = CONF / "hf_configs"
+GROUPS = ["model", "data", "trainer", "logger", "callbacks", "stage"]
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
+
+
+def _compose(config_name: str, overrides: list[str], tmp_path: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def _resolve(cfg) -> dict:
+    """Resolve every interpolation of the run (the hydra node is launcher state and is left out)."""
+    return {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in cfg
+        if k != "hydra"
+    }
+
+
+def _choices() -> list[tuple[str, str]]:
+    return [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")) if p.stem != "default"]
+
+
+@pytest.mark.parametrize(("group", "choice"), _choices(), ids=lambda x: str(x))
+def test_every_group_choice_composes_and_resolves(group, choice, tmp_path):
+    cfg = _compose("train", [f"{group}={choice}"], tmp_path)
+    _resolve(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_consistent_batch_arithmetic(experiment, tmp_path):
+    cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
+    _resolve(cfg)
+    assert cfg.run_name in experiment
+    assert cfg.stage.name in experiment
+    assert cfg.global_batch_size % (cfg.micro_batch_size * world_size(cfg.trainer)) == 0
+
+
+@pytest.mark.parametrize("name", PRIMARY)
+def test_every_primary_config_composes(name, tmp_path):
+    cfg = _compose(name, [], tmp_path)
+    # Values a user must give (`???`, e.g. the checkpoint to chat with) get a stand-in; the rest must resolve.
+    with open_dict(cfg):
+        for key in OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])):
+            OmegaConf.update(cfg, key, "given-by-user")
+    _resolve(cfg)
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "fsdp_cpu"])
+def test_cpu_trainers_instantiate(trainer, tmp_path):
+    cfg = _compose("train", [f"trainer={trainer}"], tmp_path)
+    built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert built.world_size == world_size(cfg.trainer)
+
+
+@pytest.mark.parametrize("trainer", ["fsdp_8gpu", "multi_node"])
+def test_gpu_strategies_instantiate(trainer, tmp_path):
+    cfg = _compose("train", [f"trainer={trainer}"], tmp_path)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "ModelParallelStrategy"
+    assert strategy._data_parallel_size == world_size(cfg.trainer)
+    assert cfg.module.sharding.param_dtype == "bfloat16" and cfg.module.sharding.activation_checkpointing
+
+
+def test_loggers_and_callbacks_instantiate(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _compose("train", ["logger=wandb"], tmp_path)
+    for node in list(cfg.logger.values()) + list(cfg.callbacks.values()):
+        instantiate(node)
+
+
+@pytest.mark.parametrize("data", ["world_align", "world_finetune", "lcs558k", "mix665k"])
+def test_data_modules_instantiate(data, tmp_path, llama_tokenizer):
+    from transformers import CLIPImageProcessor
+
+    cfg = _compose("train", [f"data={data}"], tmp_path)
+    dm = instantiate(
+        cfg.data, tokenizer=llama_tokenizer, image_processor=CLIPImageProcessor(), num_image_tokens=576
+    )
+    assert dm.micro_batch_size == cfg.micro_batch_size
+
+
+@pytest.mark.parametrize(
+    ("model", "vision", "llm", "projector_params", "image_tokens"),
+    [
+        ("llava_v15_7b", "clip-vit-large-patch14-336", "vicuna-7b-v1.5", 20_979_712, 576),
+        ("llava_v15_13b", "clip-vit-large-patch14-336", "vicuna-13b-v1.5", 31_467_520, 576),
+        ("llava_v1_7b", "clip-vit-large-patch14", "vicuna-7b-v1.3", 4_198_400, 256),
+        ("llava_v1_13b", "clip-vit-large-patch14", "vicuna-13b-v1.3", 5_248_000, 256),
+    ],
+)
+def test_real_model_configs_build_on_meta(
+    model, vision, llm, projector_params, image_tokens, tmp_path, llama_tokenizer
+):
+    cfg = _compose(
+        "train",
+        [
+            f"model={model}",
+            f"model.vision_tower.config_path={HF_CONFIGS / (vision + '.json')}",
+            f"model.language_model.config_path={HF_CONFIGS / (llm + '.json')}",
+        ],
+        tmp_path,
+    )
+    built = instantiate(cfg.model, tokenizer=llama_tokenizer, device="meta")
+    assert sum(p.numel() for p in built.projector.parameters()) == projector_params
+    assert built.num_image_tokens == image_tokens
