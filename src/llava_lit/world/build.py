@@ -128,6 +128,8 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
             yield lambda n=1: progress.advance(task, n)
             timings[name] = round(time.perf_counter() - start, 2)
             progress.update(task, completed=total)
+            if not console.is_terminal:  # a live bar only renders on a terminal; logs get one line per step
+                console.print(f"world build: {name} done in {timings[name]:.1f} s")
 
         with step("scenes + images", n_scenes) as advance:
             scenes = generate_scene_sets(cfg)
