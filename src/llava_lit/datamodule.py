@@ -199,6 +199,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.counter = counter
         self.epoch = 0
+        self.resume_batches = 0
+        """Batches of the current epoch already consumed before a mid-epoch resume; skipped on the next pass."""
         self.num_workers = 1
         """Set by the DataModule to the DataLoader's worker count, so `len()` is right before iterating."""
 
@@ -214,15 +216,34 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch: each worker batches its own share, the last batch may be short."""
-        workers = max(1, self.num_workers)
-        return sum(
-            math.ceil((hi - lo) / self.batch_size)
-            for lo, hi in (split_range(self.rank_samples, workers, w) for w in range(workers))
-        )
+        return sum(self.worker_batches(max(1, self.num_workers)))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose plan the next iteration reads."""
         self.epoch = epoch
+
+    def worker_batches(self, num_workers: int) -> list[int]:
+        """Batches each worker yields this epoch."""
+        return [
+            math.ceil((hi - lo) / self.batch_size)
+            for lo, hi in (split_range(self.rank_samples, num_workers, w) for w in range(num_workers))
+        ]
+
+    def consumed_by_worker(self, consumed: int, num_workers: int) -> list[int]:
+        """How many of the first `consumed` batches each worker produced.
+
+        The DataLoader takes batches from its workers in turn, passing over exhausted ones, so the split is
+        a round-robin over each worker's batch count.
+        """
+        remaining = self.worker_batches(num_workers)
+        taken = [0] * num_workers
+        while consumed > 0 and any(remaining):
+            for w in range(num_workers):
+                if consumed and remaining[w]:
+                    taken[w] += 1
+                    remaining[w] -= 1
+                    consumed -= 1
+        return taken
 
     def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
         """The segments read by `worker` of this rank in the current epoch."""
@@ -263,8 +284,15 @@ class ShardStream(IterableDataset):
         produced: list[dict[str, Any]] = []
         batch: list[dict[str, Any]] = []
         logged: dict[str, int] = {}
-        good = 0
+        # Resuming mid-epoch: pass over the samples behind the batches this worker already delivered. The
+        # shuffle buffer still sees them (so the order is the one of the interrupted run) but nothing is
+        # decoded. Exact unless samples were skipped in that part, which shifts batch boundaries slightly.
+        to_skip = self.consumed_by_worker(self.resume_batches, num_workers)[worker] * self.batch_size
+        good = to_skip
         for raw in self._raw_samples(segments, rng):
+            if to_skip:
+                to_skip -= 1
+                continue
             try:
                 sample = self.encoder(raw)
             except (SkipSample, ImageDecodeError) as err:
@@ -315,9 +343,11 @@ class _EpochDataLoader(DataLoader):
     """A DataLoader that tells its dataset the epoch each time an epoch starts (Lightning only tells samplers)."""
 
     epoch_fn: Callable[[], int]
+    resume_fn: Callable[[], int] = staticmethod(lambda: 0)
 
     def __iter__(self):  # type: ignore[override]
         self.dataset.set_epoch(self.epoch_fn())
+        self.dataset.resume_batches = self.resume_fn()
         return super().__iter__()
 
 
@@ -455,6 +485,14 @@ class LlavaDataModule(L.LightningDataModule):
         self._epochs_started += 1
         return self._epochs_started
 
+    def _resume_batches(self) -> int:
+        """Batches of the current epoch consumed before the checkpoint this fit resumed from (else 0)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        # `processed` counts batches whose training step finished before the checkpoint was written.
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def _loader(self, stream: ShardStream, epoch_fn: Callable[[], int]) -> DataLoader:
         loader = _EpochDataLoader(
             stream,
@@ -470,7 +508,9 @@ class LlavaDataModule(L.LightningDataModule):
         """Shuffled training batches; each `iter()` is one epoch of the plan."""
         if not self.train_sources:
             self.setup("fit")
-        return self._loader(self._stream(self.train_sources, shuffle=True), self._next_epoch)
+        loader = self._loader(self._stream(self.train_sources, shuffle=True), self._next_epoch)
+        loader.resume_fn = self._resume_batches
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order (an empty list when no validation data is configured)."""

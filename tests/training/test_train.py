@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,10 +24,21 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
     return any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def _fit(cfg):
+class _RecordIds(L.Callback):
+    """Records the sample ids of every training batch, in order."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids += batch["ids"]
+
+
+def _fit(cfg, *callbacks: L.Callback):
     module, datamodule = build_components(cfg)
     before = _snapshot(module.model)
     trainer = build_trainer(cfg)
+    trainer.callbacks.extend(callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return trainer, module, before, _snapshot(module.model)
 
@@ -99,21 +111,24 @@ def test_vision_tower_trains_only_when_configured(compose_train):
     assert _changed(before["vision_tower"], after["vision_tower"])
 
 
-def test_resume_continues_from_a_mid_epoch_checkpoint(compose_train):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_continues_with_the_unseen_samples(compose_train, workers):
     # 32 samples / micro-batch 4 = 8 batches per epoch, 2 per optimizer step: step 2 is mid-epoch.
-    first = compose_train(
-        "trainer.max_steps=2",
-        "trainer.limit_val_batches=0",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-        stage="align",
-    )
-    train(first)
-    mid = Path(first.paths.output_dir) / "checkpoints" / "step000002.ckpt"
+    common = ["trainer.limit_val_batches=0", f"data.num_workers={workers}"]
+    whole = _RecordIds()
+    _fit(compose_train(*common, "trainer.max_steps=4", "run_name=whole", stage="align"), whole)
+
+    first, second = _RecordIds(), _RecordIds()
     cfg = compose_train(
-        "trainer.max_steps=4", "trainer.limit_val_batches=0", f"ckpt_path={mid}", stage="align"
+        *common, "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2", stage="align"
     )
-    trainer, *_ = _fit(cfg)
+    _fit(cfg, first)
+    mid = Path(cfg.paths.output_dir) / "checkpoints" / "step000002.ckpt"
+    trainer, *_ = _fit(
+        compose_train(*common, "trainer.max_steps=4", f"ckpt_path={mid}", stage="align"), second
+    )
     assert trainer.global_step == 4
-    # The remaining 4 batches of epoch 0 ran; no second epoch started.
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 8
-    assert trainer.fit_loop.epoch_progress.total.started == 1
+    assert trainer.fit_loop.epoch_progress.total.started == 1  # still epoch 0, not a restarted epoch
+    # The interrupted run saw exactly the uninterrupted run's samples, in the same order, none twice.
+    assert first.ids + second.ids == whole.ids
+    assert len(set(whole.ids)) == 32
