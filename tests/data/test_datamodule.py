@@ -190,7 +190,10 @@ def test_data_configs_instantiate(name, shards, llama_tokenizer, clip_processor_
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / f"{name}.yaml")
+    # The data files read micro_batch_size and seed from the root config; stand in for it here.
+    root = OmegaConf.create({"micro_batch_size": 4, "seed": 0})
+    root.data = OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / f"{name}.yaml")
+    cfg = root.data
     cfg.sources[0].path = str(shards)
     cfg.num_workers = 0
     dm = instantiate(
