@@ -20,7 +20,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llava_lit.module import LlavaLitModule
 from llava_lit.projector_io import load_projector
@@ -93,10 +93,33 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
-    """Tokenizer, model (with its starting projector), datamodule and LightningModule from the config."""
+    """Tokenizer, model (with its starting weights), datamodule and LightningModule from the config.
+
+    `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours): its model node
+    replaces `cfg.model`, so checkpoints of this run record what was actually trained.
+    """
+    pretrained = None
+    if cfg.get("init_from"):
+        from llava_lit.interop.pretrained import load_pretrained_llava
+
+        pretrained = load_pretrained_llava(cfg.init_from)
+        with open_dict(cfg):
+            cfg.model = OmegaConf.create(pretrained.model_config)
+        for key in ("template", "image_aspect"):
+            theirs = getattr(pretrained, key)
+            if theirs is not None and theirs != cfg.data[key]:
+                log.warning(
+                    "init_from=%s was trained with %s=%s, this run uses %s",
+                    cfg.init_from,
+                    key,
+                    theirs,
+                    cfg.data[key],
+                )
     tokenizer_src = cfg.model.get("tokenizer_name_or_path") or cfg.model.language_model.name_or_path
     tokenizer = load_tokenizer(tokenizer_src, model_max_length=cfg.data.max_length)
     model = instantiate(cfg.model, tokenizer=tokenizer)
+    if pretrained is not None:
+        pretrained.load_into(model)
     if cfg.init_projector and not cfg.ckpt_path:
         path = Path(cfg.init_projector)
         if not path.is_file():

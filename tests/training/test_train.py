@@ -132,3 +132,16 @@ def test_mid_epoch_resume_continues_with_the_unseen_samples(compose_train, worke
     # The interrupted run saw exactly the uninterrupted run's samples, in the same order, none twice.
     assert first.ids + second.ids == whole.ids
     assert len(set(whole.ids)) == 32
+
+
+def test_init_from_a_whole_checkpoint_starts_from_its_weights(compose_train):
+    align = compose_train("trainer.max_steps=1", "trainer.limit_val_batches=0", stage="align")
+    _, trained, _, after = _fit(align)
+    ckpt = Path(align.paths.output_dir) / "checkpoints" / "last.ckpt"
+    cfg = compose_train(f"init_from={ckpt}", "init_projector=null", "run_name=from_ckpt", stage="finetune")
+    module, _ = build_components(cfg)
+    started = _snapshot(module.model)
+    for part in after:
+        for k, v in after[part].items():
+            torch.testing.assert_close(started[part][k], v, rtol=0, atol=0)
+    assert cfg.model.projector == trained.run_config["model"]["projector"]
