@@ -166,9 +166,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if uses_world(cfg):
         from llava_lit.world.build import WorldConfig, ensure_world
 
-        ensure_world(
-            Path(cfg.paths.world_dir), WorldConfig(**OmegaConf.to_container(cfg.world, resolve=True))
-        )
+        settings = OmegaConf.to_container(cfg.world, resolve=True)
+        ensure_world(Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings))
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
