@@ -85,3 +85,19 @@ def test_blank_image_is_uniform():
 def test_bad_config_is_rejected(override, message):
     with pytest.raises(ValueError, match=message):
         generate_scene_sets(WorldConfig.ci(**override))
+
+
+def test_presets_and_fingerprint():
+    assert WorldConfig.preset("ci", seed=3) == WorldConfig.ci(seed=3)
+    assert WorldConfig.preset() == WorldConfig()
+    assert WorldConfig().fingerprint() == WorldConfig().fingerprint()
+    assert WorldConfig(seed=1).fingerprint() != WorldConfig().fingerprint()
+    with pytest.raises(ValueError, match="unknown world preset"):
+        WorldConfig.preset("huge")
+
+
+def test_cli_rejects_an_unknown_preset(tmp_path):
+    from llava_lit.world.__main__ import main
+
+    with pytest.raises(SystemExit, match="unknown world preset"):
+        main([f"out_dir={tmp_path / 'w'}", "preset=huge"])

@@ -40,12 +40,10 @@ def main(argv: list[str] | None = None) -> Path:
         OmegaConf.structured(BuildArgs), OmegaConf.from_dotlist(argv if argv is not None else sys.argv[1:])
     )
     overrides = OmegaConf.to_container(args.world, resolve=True)
-    if args.preset == "ci":
-        cfg = WorldConfig.ci(**overrides)
-    elif args.preset == "default":
-        cfg = WorldConfig(**overrides)
-    else:
-        raise SystemExit(f"unknown preset {args.preset!r}: use default or ci")
+    try:
+        cfg = WorldConfig.preset(args.preset, **overrides)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     out = Path(str(args.out_dir)).expanduser()
     out = build_world(cfg, out) if args.force else ensure_world(out, cfg)
     info = load_world_info(out)

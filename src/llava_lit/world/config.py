@@ -165,6 +165,15 @@ class WorldConfig:
         small.update(overrides)
         return cls(**small)  # type: ignore[arg-type]
 
+    @classmethod
+    def preset(cls, name: str = "default", **overrides: object) -> WorldConfig:
+        """`default` (the full world) or `ci` (the miniature one), with field overrides applied on top."""
+        if name == "default":
+            return cls(**overrides)  # type: ignore[arg-type]
+        if name == "ci":
+            return cls.ci(**overrides)
+        raise ValueError(f"unknown world preset {name!r}: use 'default' or 'ci'")
+
     @property
     def num_image_tokens(self) -> int:
         """Patch tokens the CLIP tower yields per image (CLS excluded), i.e. what one `<image>` expands to."""
