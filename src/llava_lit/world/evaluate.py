@@ -1,0 +1,181 @@
+"""`python -m llava_lit.world.evaluate`: the proof that the miniature LLaVA learned, with its two ablations.
+
+Run after `stage=align` and `stage=finetune`, with the same overrides (it composes `conf/train.yaml`):
+
+    python -m llava_lit.train stage=align
+    python -m llava_lit.train stage=finetune
+    python -m llava_lit.world.evaluate
+
+It answers the world's held-out questions (scenes never rendered for training) three ways and prints accuracy per
+question type beside chance:
+- `llava`: the finetuned model;
+- `blank image`: the same model with every image replaced by a blank one (must fall to about chance: the
+  answers come from the image, not from the question's wording);
+- `no stage 1`: a model finetuned the same way from a fresh projector (shows what alignment buys); trained
+  here unless `evaluate.no_align=false`.
+It also plots the training loss of each stage. Everything lands in `outputs/<run_name>/world_eval/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from llava_lit.eval.__main__ import evaluate
+from llava_lit.eval.report import Metrics
+from llava_lit.eval.world import WorldBenchmark
+from llava_lit.world.build import load_world_info
+from llava_lit.world.config import WorldConfig
+from llava_lit.world.scenes import blank_image
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def blank_image_folder(benchmark: WorldBenchmark, world: WorldConfig, folder: Path) -> Path:
+    """A copy of the question images' folder where every image is blank (same file names)."""
+    image = blank_image(world)
+    for question in benchmark.questions():
+        target = folder / question.image
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target)
+    return folder
+
+
+def loss_curves(run_dir: Path, stages: dict[str, str], out: Path) -> Path | None:
+    """Plot `train/loss` per step for each stage's CSV log into `out` (PNG); None when there are no logs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    plotted = False
+    for ax, (label, stage_dir) in zip(axes[0], stages.items(), strict=True):
+        path = run_dir / stage_dir / "csv" / "metrics.csv"
+        if not path.is_file():
+            ax.set_title(f"{label}: no log")
+            continue
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        ax.plot([int(r["step"]) for r in rows], [float(r["train/loss"]) for r in rows], lw=1)
+        ax.set(title=label, xlabel="optimizer step", ylabel="train/loss")
+        plotted = True
+    fig.tight_layout()
+    if not plotted:
+        plt.close(fig)
+        return None
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def comparison_table(results: dict[str, Metrics]) -> Metrics:
+    """One row per question type: each run's accuracy, then chance."""
+    first = next(iter(results.values()))
+    table: Metrics = {}
+    for row in first:
+        table[row] = {run: metrics[row]["acc"] for run, metrics in results.items()}
+        table[row]["chance"] = first[row]["chance"]
+        table[row]["n"] = first[row]["n"]
+    return table
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """`conf/train.yaml` with `overrides`, resolved as a `python -m llava_lit.train` run would be."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.output_root) / cfg.run_name / cfg.stage.name)
+    return cfg
+
+
+def run(overrides: list[str]) -> dict[str, Any]:
+    """Evaluate the finetuned world model and its ablations; returns and writes the report.
+
+    `overrides` are the ones given to `python -m llava_lit.train` (world, paths, run_name...), plus
+    `evaluate.*` settings (`batch_size`, `max_new_tokens`, `limit`, `no_align`).
+    """
+    cfg = compose_train(overrides)
+    """Evaluate the finetuned world model and its ablations; returns and writes the report."""
+    settings = cfg.get("evaluate") or {}
+    world_dir = Path(cfg.paths.world_dir)
+    info = load_world_info(world_dir)
+    if info is None:
+        raise SystemExit(f"No world at {world_dir}: run `python -m llava_lit.train stage=align` first")
+    world = WorldConfig(**info["config"])
+    run_dir = Path(cfg.paths.output_root) / cfg.run_name
+    checkpoint = run_dir / "finetune" / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise SystemExit(
+            f"No finetuned checkpoint at {checkpoint}: run `python -m llava_lit.train stage=finetune`"
+        )
+    out = run_dir / "world_eval"
+    benchmark = WorldBenchmark(
+        question_file=str(world_dir / "eval" / "questions.jsonl"),
+        answers_gt=str(world_dir / "eval" / "answers_gt.jsonl"),
+        image_folder=str(world_dir / "eval" / "images"),
+        limit=settings.get("limit"),
+    )
+    batch = dict(batch_size=settings.get("batch_size", 64), max_new_tokens=settings.get("max_new_tokens", 32))
+
+    results: dict[str, Metrics] = {}
+    results["llava"] = evaluate(benchmark, "world", out / "llava", checkpoint=str(checkpoint), **batch)
+    blank = WorldBenchmark(
+        benchmark.question_file,
+        benchmark.answers_gt,
+        str(blank_image_folder(benchmark, world, out / "blank_images")),
+        limit=benchmark.limit,
+    )
+    results["blank image"] = evaluate(
+        blank, "world", out / "blank_image", checkpoint=str(checkpoint), **batch
+    )
+    stages = {"align": "align", "finetune": "finetune"}
+    if settings.get("no_align", True):
+        from llava_lit.train import train
+
+        kept = [
+            o
+            for o in overrides
+            if o.split("=")[0].lstrip("+~") not in ("stage", "run_name", "init_projector")
+        ]
+        ablation = compose_train(
+            [*kept, "stage=finetune", "init_projector=null", f"run_name={cfg.run_name}_no_stage1"]
+        )
+        train(ablation)
+        ablation_ckpt = Path(ablation.paths.output_dir) / "checkpoints" / "last.ckpt"
+        results["no stage 1"] = evaluate(
+            benchmark, "world", out / "no_stage1", checkpoint=str(ablation_ckpt), **batch
+        )
+        stages["finetune, no stage 1"] = f"../{cfg.run_name}_no_stage1/finetune"
+
+    table = comparison_table(results)
+    curves = loss_curves(run_dir, stages, out / "loss_curves.png")
+    report = {"table": table, "runs": results, "checkpoint": str(checkpoint), "loss_curves": str(curves)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    from llava_lit.eval.report import print_table
+
+    print_table(f"Miniature world, held-out accuracy (%) — {out / 'report.json'}", table)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: the same `key=value` overrides as `python -m llava_lit.train`."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    run(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
