@@ -78,6 +78,7 @@ def tiny_overrides(
         f"paths.output_root={output_root}",
         "global_batch_size=8",
         "micro_batch_size=4",
+        "callbacks=default",  # the finetune stage's sample answers read the miniature world's eval files
     ]
 
 
