@@ -25,11 +25,22 @@ class WorldBenchmark:
     """Folder the question file's image paths are relative to."""
     limit: int | None = None
     """Evaluate only the first `limit` questions."""
+    per_type: int | None = None
+    """Keep only the first `per_type` questions of each question type (a small sample covering every type)."""
 
     def __post_init__(self) -> None:
         from llava_lit.world.score import load_jsonl
 
-        self._questions = read_questions(self.question_file)[: self.limit]
+        questions = read_questions(self.question_file)
+        if self.per_type is not None:
+            seen: dict[str, int] = {}
+            kept = []
+            for q in questions:
+                seen[q.category] = seen.get(q.category, 0) + 1
+                if seen[q.category] <= self.per_type:
+                    kept.append(q)
+            questions = kept
+        self._questions = questions[: self.limit]
         ids = {q.question_id for q in self._questions}
         self._gold = [g for g in load_jsonl(self.answers_gt) if str(g["question_id"]) in ids]
         if len(self._gold) != len(ids):
