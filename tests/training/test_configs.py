@@ -132,3 +132,18 @@ def test_real_model_configs_build_on_meta(
     built = instantiate(cfg.model, tokenizer=llama_tokenizer, device="meta")
     assert sum(p.numel() for p in built.projector.parameters()) == projector_params
     assert built.num_image_tokens == image_tokens
+
+
+@pytest.mark.parametrize(
+    ("experiment", "gbs", "lr", "epochs"),
+    [
+        ("llava_v15_7b_align", 256, 1e-3, 1),
+        ("llava_v15_13b_finetune", 128, 2e-5, 1),
+        ("llava_v1_7b_align", 128, 2e-3, 1),
+        ("llava_v1_13b_finetune", 32, 2e-5, 3),
+    ],
+)
+def test_experiments_carry_the_official_hyperparameters(experiment, gbs, lr, epochs, tmp_path):
+    cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
+    assert (cfg.global_batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (gbs, lr, epochs)
+    assert cfg.module.weight_decay == 0.0 and cfg.module.warmup_ratio == 0.03 and cfg.data.max_length == 2048
