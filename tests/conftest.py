@@ -48,21 +48,40 @@ def tiny_backbones(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir
     (LlamaForCausalLM with the 32k tokenizer's vocabulary).
     """
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     root = tmp_path_factory.mktemp("tiny_backbones")
     torch.manual_seed(0)
     vcfg = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=56, patch_size=14, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        projection_dim=32,
     )
     CLIPVisionModel(vcfg).save_pretrained(root / "clip")
     CLIPImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
     ).save_pretrained(root / "clip")
     lcfg = LlamaConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     LlamaForCausalLM(lcfg).save_pretrained(root / "llm")
     shutil.copy(llama_tokenizer_dir / "tokenizer.model", root / "llm" / "tokenizer.model")
