@@ -97,14 +97,18 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- CLIP
 
 
-def hard_negative(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[str, Scene]:
+def hard_negative(
+    scene: Scene,
+    cfg: WorldConfig,
+    rng: random.Random,
+    choices: tuple[str, ...] = ("color", "shape", "position", "count"),
+) -> tuple[str, Scene]:
     """A caption that differs from the scene's in one attribute: color, shape, position or count.
 
     Returns (attribute, altered scene). Used as the extra negative of each image in CLIP training (so every
     attribute must be encoded) and to measure per-attribute zero-shot accuracy.
     """
     objs = list(scene.objects)
-    choices = ["color", "shape", "position", "count"]
     while True:
         attr = rng.choice(choices)
         i = rng.randrange(len(objs))
@@ -144,9 +148,9 @@ def hard_negative(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[s
 def _clip_text_ids(texts: list[str], tok: PreTrainedTokenizerBase, eot_id: int, max_len: int) -> torch.Tensor:
     # CLIP pools the text at its end-of-text token; ours is one id past the LM vocabulary (as CLIP's own EOT
     # is its largest id), so the text tower never confuses it with a word. Pad with 0 after it.
-    out = torch.zeros(len(texts), max_len, dtype=torch.long)
-    for i, ids in enumerate(tok(texts, add_special_tokens=False)["input_ids"]):
-        ids = ids[: max_len - 1] + [eot_id]
+    rows = [ids[: max_len - 1] + [eot_id] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)  # padded to the batch's longest
+    for i, ids in enumerate(rows):
         out[i, : len(ids)] = torch.tensor(ids)
     return out
 
@@ -208,12 +212,15 @@ def train_clip(
     model.train()
     for _ in range(cfg.clip_steps):
         idx = rng.sample(range(len(scenes)), k=min(cfg.clip_batch_size, len(scenes)))
-        negatives = [caption(hard_negative(scenes[i], cfg, rng)[1]) for i in idx]
+        # Two extra negatives per image: one position-or-shape change (what CLIP learns slowest: binding an
+        # attribute to an object) and one change of any attribute.
+        negatives = [caption(hard_negative(scenes[i], cfg, rng, ("position", "shape"))[1]) for i in idx]
+        negatives += [caption(hard_negative(scenes[i], cfg, rng)[1]) for i in idx]
         ids = _clip_text_ids([captions[i] for i in idx] + negatives, tok, vocab, max_len)
         img = _clip_features(model, pixels=normalize_images(images[idx]))  # [B, P]
-        txt = _clip_features(model, ids=ids)  # [2B, P]: positives then hard negatives
+        txt = _clip_features(model, ids=ids)  # [3B, P]: positives then hard negatives
         scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * img @ txt.T  # [B, 2B]
+        logits = scale * img @ txt.T  # [B, 3B]
         target = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
         opt.zero_grad(set_to_none=True)
@@ -249,7 +256,7 @@ def clip_quality(
         ]
     )
     txt = _clip_features(model, ids=_clip_text_ids([caption(s) for s in scenes], tok, vocab, 48))
-    sims = img @ txt.T
+    sims = img @ txt.T  # [N, N]
     retrieval = (sims.argmax(1) == torch.arange(len(scenes))).float().mean().item()
     hits: dict[str, list[float]] = {a: [] for a in ["color", "shape", "position", "count"]}
     for _ in range(4):  # several distractors per image
@@ -264,6 +271,75 @@ def clip_quality(
         "attribute_accuracy": {a: round(_mean(v), 4) for a, v in hits.items()},
         "attribute_chance": 0.5,
     }
+
+
+@torch.no_grad()
+def _patch_features(tower: CLIPVisionModel, images: torch.Tensor) -> torch.Tensor:
+    # What LLaVA feeds its projector: penultimate layer, CLS dropped. [N, num_patches, hidden]
+    chunks = []
+    for i in range(0, len(images), 256):
+        out = tower(pixel_values=normalize_images(images[i : i + 256]), output_hidden_states=True)
+        chunks.append(out.hidden_states[-2][:, 1:])
+    return torch.cat(chunks)
+
+
+def _probe_data(
+    feats: torch.Tensor, scenes: list[Scene], cfg: WorldConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    grid = cfg.image_size // cfg.patch_size
+    colors, shapes = sorted(cfg.palette), list(cfg.shapes)
+    x_obj, y_color, y_shape = [], [], []
+    for n, scene in enumerate(scenes):
+        for o in scene.objects:
+            idx = min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)
+            x_obj.append(feats[n, idx])
+            y_color.append(colors.index(o.color))
+            y_shape.append(shapes.index(o.shape))
+    counts = torch.tensor([len(s.objects) - 1 for s in scenes])
+    return {
+        "color": (torch.stack(x_obj), torch.tensor(y_color)),
+        "shape": (torch.stack(x_obj), torch.tensor(y_shape)),
+        "count": (feats.mean(1), counts),
+    }
+
+
+def _linear_probe(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
+) -> float:
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    probe = torch.nn.Linear(x_train.shape[1], int(y_train.max()) + 1)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x_train), y_train) + 1e-3 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (probe(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def patch_probe(
+    tower: CLIPVisionModel,
+    train_images: torch.Tensor,
+    train_scenes: list[Scene],
+    test_images: torch.Tensor,
+    test_scenes: list[Scene],
+    cfg: WorldConfig,
+) -> dict[str, float]:
+    """Linear-probe accuracy on the features LLaVA uses (penultimate layer, patch tokens), held-out scenes.
+
+    color/shape: from the patch under each object's centre; count: from the mean of all patches. (Position
+    needs no probe there: it is which of the patch tokens carries the object.) Compare with the same probe on
+    a random-init tower of the same shape to see what pretraining added.
+    """
+    train = _probe_data(_patch_features(tower, train_images), train_scenes, cfg)
+    test = _probe_data(_patch_features(tower, test_images), test_scenes, cfg)
+    return {k: round(_linear_probe(*train[k], *test[k]), 4) for k in train}
 
 
 def save_clip(model: CLIPModel, cfg: WorldConfig, clip_dir: Path, full_dir: Path) -> None:

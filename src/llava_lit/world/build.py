@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import CLIPVisionModel
 
 from llava_lit.world.backbones import (
     clip_quality,
+    patch_probe,
     save_clip,
     save_llm,
     train_clip,
@@ -164,6 +166,7 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
                 clip_quality(clip, torch.from_numpy(pixels["eval"]), scenes["eval"], tok, cfg)
             )
             save_clip(clip, cfg, out / "clip", out / "clip_full")
+            metrics["clip"]["patch_probe"] = _probe(out / "clip", pixels, scenes, cfg)
 
         with step("llm pretraining", cfg.llm_steps) as advance:
             llm, metrics["llm"] = train_llm(train_docs, heldout_docs, tok, cfg, advance)
@@ -185,6 +188,24 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
         "timings_s": timings,
         "metrics": metrics,
     }
+
+
+def _probe(
+    clip_dir: Path, pixels: dict[str, np.ndarray], scenes: dict[str, list[Scene]], cfg: WorldConfig
+) -> dict:
+    # Probe the saved tower (what LLaVA loads) and, as the baseline, a random-init tower of the same config.
+    tower = CLIPVisionModel.from_pretrained(str(clip_dir)).eval()
+    torch.manual_seed(cfg.seed)
+    random_tower = CLIPVisionModel(tower.config).eval()
+    n = min(1000, len(scenes["train"]))
+    args = (
+        torch.from_numpy(pixels["train"][:n]),
+        scenes["train"][:n],
+        torch.from_numpy(pixels["eval"]),
+        scenes["eval"],
+        cfg,
+    )
+    return {"pretrained": patch_probe(tower, *args), "random_init": patch_probe(random_tower, *args)}
 
 
 def _render_split(scenes: list[Scene], cfg: WorldConfig, folder: Path, advance) -> np.ndarray:
