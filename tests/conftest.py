@@ -86,3 +86,32 @@ def tiny_backbones(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir
     LlamaForCausalLM(lcfg).save_pretrained(root / "llm")
     shutil.copy(llama_tokenizer_dir / "tokenizer.model", root / "llm" / "tokenizer.model")
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_ci_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The embedded default, shortened: the miniature world's CI preset built, then `align` and `finetune` run
+    through the real `conf/train.yaml` (what `make demo` does, with fewer scenes and steps).
+
+    Returns `world` (the world folder), `outputs` (the output root), `align`/`finetune` (their last
+    checkpoints) and `overrides` (the command-line overrides that reproduce these runs).
+    """
+    from llava_lit.train import train
+    from llava_lit.world.evaluate import compose_train
+
+    root = tmp_path_factory.mktemp("ci_world")
+    overrides = [
+        f"paths.world_dir={root / 'world'}",
+        "world.preset=ci",
+        f"paths.output_root={root / 'outputs'}",
+    ]
+    metrics = {stage: train(compose_train([*overrides, f"stage={stage}"])) for stage in ("align", "finetune")}
+    runs = root / "outputs" / "world"
+    return {
+        "world": root / "world",
+        "outputs": root / "outputs",
+        "align": runs / "align" / "checkpoints" / "last.ckpt",
+        "finetune": runs / "finetune" / "checkpoints" / "last.ckpt",
+        "overrides": overrides,
+        "metrics": metrics,
+    }
