@@ -8,6 +8,7 @@ compares position `i`'s logits with label `i + 1`.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -147,6 +148,14 @@ class LlavaLitModule(L.LightningModule):
         counts = getattr(self.trainer.datamodule, "skip_counts", None) or {}
         for reason, n in counts.items():
             self.log(f"data/skipped/{reason}", float(n), sync_dist=True, reduce_fx="sum")
+        # Peak memory of this process (the largest rank's, under sync): host RSS, and the GPU's when there is one.
+        peak_rss_gib = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )  # ru_maxrss is in KiB on Linux
+        self.log("perf/peak_host_memory_gib", peak_rss_gib, sync_dist=True, reduce_fx="max")
+        if self.device.type == "cuda":
+            peak_gpu_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.log("perf/peak_gpu_memory_gib", peak_gpu_gib, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]

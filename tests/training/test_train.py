@@ -59,7 +59,13 @@ def test_align_trains_only_the_projector_and_writes_handoff(compose_train):
     # Every step is logged with the loss, learning rates, grad norm and throughput.
     with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
         columns = set(next(csv.reader(f)))
-    expected = {"train/loss", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s"}
+    expected = {
+        "train/loss",
+        "train/grad_norm",
+        "perf/samples_per_s",
+        "perf/tokens_per_s",
+        "perf/peak_host_memory_gib",
+    }
     assert expected <= columns
     assert any(c.startswith("lr/projector") for c in columns)
     checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
