@@ -21,6 +21,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked `gpu` where no CUDA device is visible (they run on GPU machines)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding a real LLaMA-style 32k sentencepiece `tokenizer.model` (BOS 1, EOS 2, UNK 0)."""
