@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-WORLD_FORMAT_VERSION = 1
+WORLD_FORMAT_VERSION = 2
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
 
 
@@ -108,13 +108,13 @@ class WorldConfig:
     clip_heads: int = 4
     """Attention heads of both CLIP towers."""
 
-    clip_steps: int = 500
+    clip_steps: int = 600
     """Contrastive pretraining steps of the tiny CLIP."""
 
     clip_batch_size: int = 128
     """Image-caption pairs per contrastive step (the in-batch negatives)."""
 
-    clip_lr: float = 1e-3
+    clip_lr: float = 2e-3
     """Peak AdamW learning rate of the CLIP pretraining (cosine decay after a short warm-up)."""
 
     llm_hidden_size: int = 128
