@@ -3,6 +3,8 @@
     python -m llava_lit.predict checkpoint=outputs/world/finetune/checkpoints/last.ckpt \
         questions_file=questions.jsonl image_folder=images answers_file=answers.jsonl batch_size=16
     python -m llava_lit.predict ... devices=8 accelerator=gpu     # one process per GPU, Lightning's predict loop
+    python -m llava_lit.predict checkpoint=exported/world ...     # a transformers LLaVA folder (our export)
+    python -m llava_lit.predict checkpoint=llava-v1.5-7b template=vicuna_v1 ...   # an official LLaVA folder
 
 Reads the question JSONL (`question_id`, `image`, `text`, optional `category`) and appends to the official answer
 JSONL (`question_id`, `prompt`, `text`, `answer_id`, `model_id`, `metadata`) batch by batch, so an interrupted run
@@ -46,7 +48,8 @@ class PredictConfig:
     """Settings of a prediction run (the keys of `conf/predict.yaml`)."""
 
     checkpoint: str
-    """Training checkpoint: a Lightning `.ckpt` file or an FSDP2 checkpoint directory."""
+    """A Lightning `.ckpt` file, an FSDP2 checkpoint directory, a transformers LLaVA folder (what
+    `python -m llava_lit.export` writes, `llava-hf/*`), an official LLaVA folder, or a hub id of the last two."""
     questions_file: str
     """Official question JSONL."""
     image_folder: str
@@ -77,6 +80,9 @@ class PredictConfig:
     """Quantize the language model to 8 bit (bitsandbytes); single device only."""
     num_workers: int = 0
     """DataLoader workers decoding images."""
+    template: str | None = None
+    """Chat template for a checkpoint that does not record one (official / llava-hf folders; default
+    `vicuna_v1`); must agree with the recorded one otherwise."""
 
 
 def question_turns(question: Question) -> list[dict[str, str]]:
@@ -295,6 +301,7 @@ def run(cfg: PredictConfig) -> Path:
         load_in_4bit=cfg.load_in_4bit,
         load_in_8bit=cfg.load_in_8bit,
         model_id=cfg.model_id,
+        template=cfg.template,
     )
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed

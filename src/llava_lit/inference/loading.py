@@ -3,12 +3,18 @@
 A training checkpoint carries `llava_lit_config`, the resolved run config: its `model` node rebuilds the
 architecture and names the tokenizer, its `data` node names the chat template, the image aspect mode and the
 training length. Nothing is inferred from a folder name (the official loader's template and model-class choice
-by directory name is a known source of silent errors). Two checkpoint forms are read:
+by directory name is a known source of silent errors). Two training checkpoint forms are read:
 
 - a Lightning checkpoint file (`*.ckpt`): weights under `state_dict` as `model.<LlavaModel key>`;
 - an FSDP2 distributed checkpoint directory (`.metadata`, shards, `meta.pt`): the run config comes from
   `meta.pt` and only the model weights are read from the shards, straight into the rebuilt model (the optimizer
   state, twice the model's size, is never loaded).
+
+Models from elsewhere go through `interop.pretrained.load_pretrained_llava`, which rebuilds them from what their
+`config.json` records: a transformers LLaVA folder (what `python -m llava_lit.export` writes, or `llava-hf/*`), an
+official LLaVA checkpoint folder, or a hub id of either. Such a folder records its image handling, and our exports
+record their chat template (the Jinja equals one of ours); official and llava-hf folders do not, so the template
+then comes from the caller (`template=`), defaulting to `vicuna_v1`, LLaVA-1.5's, with a log line saying so.
 
 With `load_in_4bit`/`load_in_8bit` the language model's linear layers are quantized by bitsandbytes; the vision
 tower and the projector stay in full precision (quantizing the projector is what breaks the official 4-bit
@@ -38,6 +44,9 @@ from llava_lit.model.dtypes import parse_dtype
 from llava_lit.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+DEFAULT_IMPORTED_TEMPLATE = "vicuna_v1"
+"""Template for an imported folder that does not record one: LLaVA-1.5 (official and llava-hf) trained with it."""
 
 MODULE_PREFIX = "model."
 """`LlavaLitModule` holds the `LlavaModel` as `self.model`, so checkpoint keys start with this."""
@@ -120,22 +129,39 @@ def load_for_inference(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     model_id: str | None = None,
+    template: str | None = None,
 ) -> InferenceBundle:
-    """Load a training checkpoint (Lightning `.ckpt` file or FSDP2 directory) as an `InferenceBundle`.
+    """Load a checkpoint as an `InferenceBundle`: a training checkpoint (Lightning `.ckpt` file or FSDP2
+    directory), a transformers LLaVA folder (our exports, `llava-hf/*`), an official LLaVA folder, or a hub id.
 
     Args:
-        path: the checkpoint file or distributed-checkpoint directory.
+        path: the checkpoint file, distributed-checkpoint directory, model folder or hub id.
         device: where the model runs.
         dtype: cast the model to this dtype (`bfloat16`, ...); None keeps the checkpoint's dtypes. Under
             quantization it is the compute dtype of the quantized layers.
         load_in_4bit: quantize the language model to NF4 with bitsandbytes (projector and tower unquantized).
         load_in_8bit: quantize the language model to int8 with bitsandbytes.
-        model_id: the name reported in outputs; default `run_name/stage` from the run config.
+        model_id: the name reported in outputs; default `run_name/stage` from the run config, the folder name for
+            an imported model.
+        template: the chat template for a source that does not record one (official and llava-hf folders);
+            default `vicuna_v1`. A template that disagrees with the one the source records is refused.
     """
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit")
-    path = Path(path)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if is_imported_source(path):
+        model, tokenizer, run_config = _build_imported(str(path), template)
+        return _finish(
+            model,
+            tokenizer,
+            run_config,
+            device=device,
+            torch_dtype=torch_dtype,
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            model_id=model_id,
+        )
+    path = Path(path)
     if path.is_dir():
         if not (path / ".metadata").is_file() or not (path / DCP_META_FILE).is_file():
             raise ValueError(
@@ -155,7 +181,94 @@ def load_for_inference(
         _load_weights(model, checkpoint.pop("state_dict"), path)
     else:
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    recorded = run_config["data"]["template"]
+    if template is not None and template != recorded:
+        raise ValueError(
+            f"{path} was trained with template {recorded!r} (its run config's data.template), not {template!r}"
+        )
+    return _finish(
+        model,
+        tokenizer,
+        run_config,
+        device=device,
+        torch_dtype=torch_dtype,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        model_id=model_id,
+    )
 
+
+def is_imported_source(path: str | Path) -> bool:
+    """Whether `path` is read through `load_pretrained_llava` rather than as a training checkpoint: a folder with
+    a `config.json` (transformers or official LLaVA), a projector weight file, or a hub id (`owner/name` that is
+    not a local path)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return (local / "config.json").is_file() and not (local / ".metadata").is_file()
+    if local.is_file():
+        return local.suffix in (".bin", ".safetensors")
+    text = str(path)
+    return (
+        text.count("/") == 1
+        and not text.startswith((".", "/", "~"))
+        and not text.endswith((".ckpt", ".ckpt.dir"))
+    )
+
+
+def _build_imported(
+    source: str, template: str | None
+) -> tuple[LlavaModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Model and tokenizer from `load_pretrained_llava`, and a run config holding what the source records."""
+    from llava_lit.interop.pretrained import load_pretrained_llava
+
+    pretrained = load_pretrained_llava(source)
+    for note in pretrained.notes:
+        log.info("%s: %s", source, note)
+    if pretrained.template is not None:
+        if template is not None and template != pretrained.template:
+            raise ValueError(
+                f"{source} records the chat template {pretrained.template!r} (its chat_template), "
+                f"not {template!r}"
+            )
+        chosen = pretrained.template
+    elif template is not None:
+        chosen = template
+        log.info("%s records no chat template: using %r as asked", source, chosen)
+    else:
+        chosen = DEFAULT_IMPORTED_TEMPLATE
+        log.info(
+            "%s (%s checkpoint) records no chat template: using %r, LLaVA-1.5's; pass template= if it was "
+            "trained with another",
+            source,
+            pretrained.kind,
+            chosen,
+        )
+    aspect = pretrained.image_aspect or "pad"
+    model, tokenizer = pretrained.build()
+    run_config = {
+        "run_name": Path(source).name or source,
+        "model": pretrained.model_config,
+        "data": {"template": chosen, "image_aspect": aspect},
+        "imported": {"source": source, "kind": pretrained.kind},
+    }
+    log.info(
+        "loaded %s (%s checkpoint): template %s, image aspect %s", source, pretrained.kind, chosen, aspect
+    )
+    return model, tokenizer, run_config
+
+
+def _finish(
+    model: LlavaModel,
+    tokenizer: PreTrainedTokenizerBase,
+    run_config: dict[str, Any],
+    *,
+    device: str | torch.device,
+    torch_dtype: torch.dtype | None,
+    load_in_4bit: bool,
+    load_in_8bit: bool,
+    model_id: str | None,
+) -> InferenceBundle:
+    """Cast, quantize and place the built model, and wrap it into a bundle."""
     if torch_dtype is not None:
         model.to(torch_dtype)
     if load_in_4bit or load_in_8bit:
