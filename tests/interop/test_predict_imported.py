@@ -85,7 +85,9 @@ def test_exported_folder_predicts_like_its_checkpoint(
 
     question_file, images = questions
     settings = {"batch_size": 3, "max_new_tokens": 8, "accelerator": "cpu"}
-    from_ckpt = predict(question_file, images, tmp_path / "ckpt.jsonl", checkpoint=trained_checkpoint, **settings)
+    from_ckpt = predict(
+        question_file, images, tmp_path / "ckpt.jsonl", checkpoint=trained_checkpoint, **settings
+    )
     from_hf = predict(question_file, images, tmp_path / "hf.jsonl", checkpoint=exported, **settings)
     expected = _answers(from_ckpt)
     assert len(expected) == 5 and all(expected.values())
@@ -109,7 +111,9 @@ def test_official_folder_defaults_to_vicuna_and_says_so(
     with torch.no_grad():
         for param in original.projector.parameters():
             param.normal_(0.0, 0.5)
-    folder = write_official(original, tmp_path / "official", tiny_backbones, llama_tokenizer_dir, with_tower=True)
+    folder = write_official(
+        original, tmp_path / "official", tiny_backbones, llama_tokenizer_dir, with_tower=True
+    )
     run_config = {
         "model": {
             "_target_": "llava_lit.model.build_llava",
@@ -128,13 +132,20 @@ def test_official_folder_defaults_to_vicuna_and_says_so(
     with caplog.at_level(logging.INFO, logger="llava_lit.inference.loading"):
         bundle = load_for_inference(folder)
     assert bundle.template.name == "vicuna_v1" and bundle.image_loader.aspect == "pad"
-    assert any("records no chat template" in r.getMessage() and "vicuna_v1" in r.getMessage() for r in caplog.records)
+    assert any(
+        "records no chat template" in r.getMessage() and "vicuna_v1" in r.getMessage() for r in caplog.records
+    )
     assert load_for_inference(folder, template="llama_2").template.name == "llama_2"
 
     question_file, images = questions
     settings = {"batch_size": 5, "max_new_tokens": 6, "accelerator": "cpu"}
-    expected = _answers(predict(question_file, images, tmp_path / "a.jsonl", checkpoint=checkpoint, **settings))
-    assert _answers(predict(question_file, images, tmp_path / "b.jsonl", checkpoint=folder, **settings)) == expected
+    expected = _answers(
+        predict(question_file, images, tmp_path / "a.jsonl", checkpoint=checkpoint, **settings)
+    )
+    assert (
+        _answers(predict(question_file, images, tmp_path / "b.jsonl", checkpoint=folder, **settings))
+        == expected
+    )
 
 
 @pytest.mark.slow
@@ -144,7 +155,11 @@ def test_predict_command_line_with_exported_folder(
     exported = export_main([f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'hf'}", "verify=false"])
     question_file, images = questions
     answers = tmp_path / "cli.jsonl"
-    env = {**os.environ, "LLAVA_LIT_OUTPUTS": str(tmp_path / "outputs"), "LLAVA_LIT_CACHE": str(tmp_path / "c")}
+    env = {
+        **os.environ,
+        "LLAVA_LIT_OUTPUTS": str(tmp_path / "outputs"),
+        "LLAVA_LIT_CACHE": str(tmp_path / "c"),
+    }
     result = subprocess.run(
         [
             sys.executable,
