@@ -175,7 +175,7 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
         with step("shards", len(records)) as advance:
             metrics["shards"] = _write_shards(records, cfg, out, advance)
 
-    console.print(f"[bold]world built[/bold] in {sum(timings.values()):.0f} s: {out}")
+    console.print(f"[bold]world built[/bold] in {sum(timings.values()):.0f} s")
     return {
         "fingerprint": cfg.fingerprint(),
         "config": cfg.to_dict(),
