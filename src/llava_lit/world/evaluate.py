@@ -123,6 +123,9 @@ def run(overrides: list[str]) -> dict[str, Any]:
             f"No finetuned checkpoint at {checkpoint}: run `python -m llava_lit.train stage=finetune`"
         )
     out = run_dir / "world_eval"
+    # Prediction resumes from existing answer files; these answers belong to whatever checkpoint is there now.
+    for stale in out.glob("*/answers.jsonl"):
+        stale.unlink()
     benchmark = WorldBenchmark(
         question_file=str(world_dir / "eval" / "questions.jsonl"),
         answers_gt=str(world_dir / "eval" / "answers_gt.jsonl"),
