@@ -102,8 +102,8 @@ def tiny_backbones(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir
 
 @pytest.fixture(scope="session")
 def trained_ci_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The embedded default, shortened: the miniature world's CI preset built, then `align` and `finetune` run
-    through the real `conf/train.yaml` (what `make demo` does, with fewer scenes and steps).
+    """The embedded default: the miniature world built, then `align` and `finetune` run through the real
+    `conf/train.yaml` (what `make demo` does, minus the no-stage-1 ablation). Takes several minutes.
 
     Returns `world` (the world folder), `outputs` (the output root), `align`/`finetune` (their last
     checkpoints) and `overrides` (the command-line overrides that reproduce these runs).

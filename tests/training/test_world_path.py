@@ -1,7 +1,7 @@
 """The embedded default, end to end and shortened: world build, align, finetune, held-out evaluation, notebook.
 
-This is what `make demo` runs, on the miniature world's CI preset (same code, fewer scenes and steps; the
-`trained_ci_world` fixture runs the two stages). It asserts that learning happened, not only that the path ran:
+This is what `make demo` runs (the `trained_ci_world` fixture builds the world and runs the two stages; the
+no-stage-1 ablation, which costs a second finetune, is left out). It asserts that learning happened, not only that the path ran:
 held-out accuracy well above chance, and above the same model looking at blank images.
 """
 
@@ -23,12 +23,15 @@ def test_default_path_learns_on_the_ci_world(trained_ci_world):
     align, finetune = trained_ci_world["metrics"]["align"], trained_ci_world["metrics"]["finetune"]
     assert trained_ci_world["finetune"].is_file()
     assert "samples/overall/acc" in finetune  # the in-training sample answers were scored
-    assert align["val/loss"] < 3.0 and finetune["val/loss"] < 1.5, (align, finetune)
+    assert align["val/loss"] < 2.0 and finetune["val/loss"] < 0.5, (align, finetune)
 
     report = world_evaluate.run([*trained_ci_world["overrides"], "evaluate.no_align=false"])
     table = report["table"]
-    assert table["overall"]["llava"] >= table["overall"]["chance"] + 20, table
-    assert table["overall"]["llava"] >= table["overall"]["blank image"] + 15, table
+    # Measured on this preset: 53.7 % overall against 32.7 % chance and 24.9 % with blank images.
+    assert table["overall"]["llava"] >= table["overall"]["chance"] + 15, table
+    assert table["overall"]["llava"] >= table["overall"]["blank image"] + 20, table
+    for question_type in ("count", "remove"):  # the types this world's model learns best
+        assert table[question_type]["llava"] >= 80, table
     assert Path(report["loss_curves"]).is_file()
 
 
