@@ -50,6 +50,8 @@ class ChatConfig:
     """Quantize the language model to 4 bit (bitsandbytes)."""
     load_in_8bit: bool = False
     """Quantize the language model to 8 bit (bitsandbytes)."""
+    template: str | None = None
+    """Chat template for sources that record none (official / llava-hf folders); default `vicuna_v1`."""
 
 
 class ChatSession:
@@ -96,6 +98,7 @@ def run(cfg: ChatConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) ->
         dtype=cfg.dtype,
         load_in_4bit=cfg.load_in_4bit,
         load_in_8bit=cfg.load_in_8bit,
+        template=cfg.template,
     )
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed

@@ -76,6 +76,8 @@ class ServeConfig:
     """Quantize the language model to 4 bit (bitsandbytes)."""
     load_in_8bit: bool = False
     """Quantize the language model to 8 bit (bitsandbytes)."""
+    template: str | None = None
+    """Chat template for sources that record none (official / llava-hf folders); default `vicuna_v1`."""
 
 
 class ApiError(Exception):
@@ -430,6 +432,7 @@ def run(cfg: ServeConfig) -> None:
         load_in_4bit=cfg.load_in_4bit,
         load_in_8bit=cfg.load_in_8bit,
         model_id=cfg.model_id,
+        template=cfg.template,
     )
     log.info("serving %s on http://%s:%d/v1", bundle.model_id, cfg.host, cfg.port)
     uvicorn.run(create_app(bundle, cfg), host=cfg.host, port=cfg.port, log_level="info")

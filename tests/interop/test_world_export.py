@@ -70,11 +70,11 @@ def _answers(path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_world_model_answers_alike_through_transformers(
-    trained_ci_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLAVA_LIT_CACHE", str(tmp_path / "cache"))  # configs of the imported export
-    world = trained_ci_world["world"]
-    exported = export_main([f"checkpoint={trained_ci_world['finetune']}", f"out={tmp_path / 'hf'}"])
+    world = trained_world["world"]
+    exported = export_main([f"checkpoint={trained_world['finetune']}", f"out={tmp_path / 'hf'}"])
 
     questions_file = tmp_path / "questions.jsonl"
     questions = held_out_subset(world / "eval" / "questions.jsonl", N_QUESTIONS, questions_file)
@@ -88,7 +88,7 @@ def test_world_model_answers_alike_through_transformers(
             questions_file,
             images,
             tmp_path / "ckpt.jsonl",
-            checkpoint=trained_ci_world["finetune"],
+            checkpoint=trained_world["finetune"],
             **settings,
         )
     )

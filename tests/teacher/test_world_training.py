@@ -61,11 +61,11 @@ def load_scenes(path: Path, n: int) -> list[Scene]:
 
 
 @pytest.mark.slow
-def test_teacher_output_converts_and_trains_in_the_world(trained_ci_world: dict, tmp_path: Path) -> None:
+def test_teacher_output_converts_and_trains_in_the_world(trained_world: dict, tmp_path: Path) -> None:
     from llava_lit.train import train
     from llava_lit.world.evaluate import compose_train
 
-    world = trained_ci_world["world"]
+    world = trained_world["world"]
     cfg = WorldConfig.ci()  # the preset the fixture built the world with
     info = json.loads((world / "world.json").read_text())
     assert info["fingerprint"] == cfg.fingerprint()
@@ -107,11 +107,11 @@ def test_teacher_output_converts_and_trains_in_the_world(trained_ci_world: dict,
     assert manifest.num_samples == N_SCENES * len(TYPES) and not manifest.skipped
     assert read_manifest(shards).num_samples == manifest.num_samples
 
-    projector = trained_ci_world["align"].parent / "projector.safetensors"
+    projector = trained_world["align"].parent / "projector.safetensors"
     outputs = tmp_path / "outputs"
     run_cfg = compose_train(
         [
-            *trained_ci_world["overrides"],
+            *trained_world["overrides"],
             "stage=finetune",
             f"paths.output_root={outputs}",
             f"data.sources=[{{path: {shards}, weight: 1.0}}]",

@@ -1,6 +1,6 @@
 """The embedded default, end to end and shortened: world build, align, finetune, held-out evaluation, notebook.
 
-This is what `make demo` runs (the `trained_ci_world` fixture builds the world and runs the two stages; the
+This is what `make demo` runs (the `trained_world` fixture builds the world and runs the two stages; the
 no-stage-1 ablation, which costs a second finetune, is left out). It asserts that learning happened, not only that the path ran:
 held-out accuracy well above chance, and above the same model looking at blank images.
 """
@@ -19,13 +19,13 @@ NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "world_answers.ip
 
 
 @pytest.mark.slow
-def test_default_path_learns_on_the_ci_world(trained_ci_world):
-    align, finetune = trained_ci_world["metrics"]["align"], trained_ci_world["metrics"]["finetune"]
-    assert trained_ci_world["finetune"].is_file()
+def test_default_path_learns_on_the_ci_world(trained_world):
+    align, finetune = trained_world["metrics"]["align"], trained_world["metrics"]["finetune"]
+    assert trained_world["finetune"].is_file()
     assert "samples/overall/acc" in finetune  # the in-training sample answers were scored
     assert align["val/loss"] < 2.0 and finetune["val/loss"] < 0.5, (align, finetune)
 
-    report = world_evaluate.run([*trained_ci_world["overrides"], "evaluate.no_align=false"])
+    report = world_evaluate.run([*trained_world["overrides"], "evaluate.no_align=false"])
     table = report["table"]
     # Measured on this preset: 53.7 % overall against 32.7 % chance and 24.9 % with blank images.
     assert table["overall"]["llava"] >= table["overall"]["chance"] + 15, table
@@ -36,9 +36,9 @@ def test_default_path_learns_on_the_ci_world(trained_ci_world):
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_the_trained_world(trained_ci_world, monkeypatch):
-    monkeypatch.setenv("LLAVA_LIT_WORLD", str(trained_ci_world["world"]))
-    monkeypatch.setenv("LLAVA_LIT_CHECKPOINT", str(trained_ci_world["finetune"]))
+def test_notebook_runs_on_the_trained_world(trained_world, monkeypatch):
+    monkeypatch.setenv("LLAVA_LIT_WORLD", str(trained_world["world"]))
+    monkeypatch.setenv("LLAVA_LIT_CHECKPOINT", str(trained_world["finetune"]))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
