@@ -66,8 +66,8 @@ def test_teacher_output_converts_and_trains_in_the_world(trained_world: dict, tm
     from llava_lit.world.evaluate import compose_train
 
     world = trained_world["world"]
-    cfg = WorldConfig.ci()  # the preset the fixture built the world with
     info = json.loads((world / "world.json").read_text())
+    cfg = WorldConfig(**info["config"])  # the world the fixture built
     assert info["fingerprint"] == cfg.fingerprint()
 
     scenes = load_scenes(world / "scenes" / "train.jsonl", N_SCENES)
