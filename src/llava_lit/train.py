@@ -185,7 +185,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from llava_lit.world.build import WorldConfig, ensure_world
 
         settings = OmegaConf.to_container(cfg.world, resolve=True)
-        ensure_world(Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings))
+        ensure_world(
+            Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings)
+        )
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
