@@ -32,14 +32,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_projector(projector: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the projector's weights as safetensors (fp32 kept as is) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(full_state_dict(projector), str(path), metadata=metadata or {})
-    return path
-
-
 def read_projector_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a projector file: our safetensors, or the official `mm_projector.bin` (a pickled dict of tensors)."""
     path = Path(path)
