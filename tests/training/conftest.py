@@ -83,6 +83,12 @@ def tiny_overrides(
 
 
 @pytest.fixture()
+def train_overrides(tiny_backbones: Path, tiny_shards: dict[str, Path]) -> Callable[[Path, str], list[str]]:
+    """`tiny_overrides` bound to the tiny backbones and shards: `(output_root, stage) -> overrides`."""
+    return lambda output_root, stage: tiny_overrides(tiny_backbones, tiny_shards, output_root, stage)
+
+
+@pytest.fixture()
 def compose_train(
     tiny_backbones: Path, tiny_shards: dict[str, Path], tmp_path: Path
 ) -> Callable[..., DictConfig]:

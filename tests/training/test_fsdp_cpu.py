@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-
 
 def _run(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -25,8 +23,8 @@ def _run(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_fsdp2_two_cpu_processes_train_save_and_resume(tiny_backbones, tiny_shards, tmp_path):
-    base = tiny_overrides(tiny_backbones, tiny_shards, tmp_path / "outputs", "finetune")
+def test_fsdp2_two_cpu_processes_train_save_and_resume(train_overrides, tmp_path):
+    base = train_overrides(tmp_path / "outputs", "finetune")
     base += ["trainer=fsdp_cpu", "init_projector=null", "trainer.limit_val_batches=0"]
     # 32 samples / (micro-batch 4 x 2 ranks) = 4 batches per rank and epoch, one per optimizer step.
     first = _run([*base, "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2"], tmp_path)
