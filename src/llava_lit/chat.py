@@ -91,10 +91,9 @@ class ChatSession:
 
 def run(cfg: ChatConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     """Load the model and run the read-answer loop until `/quit` or end of input."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     bundle = load_for_inference(
         cfg.checkpoint,
-        device=device,
+        device=cfg.device,
         dtype=cfg.dtype,
         load_in_4bit=cfg.load_in_4bit,
         load_in_8bit=cfg.load_in_8bit,

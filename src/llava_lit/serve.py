@@ -424,10 +424,9 @@ async def _sse(bundle, generator, lock, prompt, params, completion_id, include_u
 
 def run(cfg: ServeConfig) -> None:
     """Load the model and serve it until interrupted."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     bundle = load_for_inference(
         cfg.checkpoint,
-        device=device,
+        device=cfg.device,
         dtype=cfg.dtype,
         load_in_4bit=cfg.load_in_4bit,
         load_in_8bit=cfg.load_in_8bit,

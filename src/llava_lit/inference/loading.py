@@ -136,7 +136,7 @@ def load_for_inference(
 
     Args:
         path: the checkpoint file, distributed-checkpoint directory, model folder or hub id.
-        device: where the model runs.
+        device: where the model runs; `auto` is CUDA when available, else the CPU.
         dtype: cast the model to this dtype (`bfloat16`, ...); None keeps the checkpoint's dtypes. Under
             quantization it is the compute dtype of the quantized layers.
         load_in_4bit: quantize the language model to NF4 with bitsandbytes (projector and tower unquantized).
@@ -148,20 +148,29 @@ def load_for_inference(
     """
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if is_imported_source(path):
         model, tokenizer, run_config = _build_imported(str(path), template)
-        return _finish(
-            model,
-            tokenizer,
-            run_config,
-            device=device,
-            torch_dtype=torch_dtype,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            model_id=model_id,
-        )
-    path = Path(path)
+    else:
+        model, tokenizer, run_config = _build_trained(Path(path), template)
+    return _finish(
+        model,
+        tokenizer,
+        run_config,
+        device=device,
+        torch_dtype=torch_dtype,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        model_id=model_id,
+    )
+
+
+def _build_trained(
+    path: Path, template: str | None
+) -> tuple[LlavaModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Model, tokenizer and run config from a training checkpoint (Lightning file or FSDP2 directory)."""
     if path.is_dir():
         if not (path / ".metadata").is_file() or not (path / DCP_META_FILE).is_file():
             raise ValueError(
@@ -186,16 +195,7 @@ def load_for_inference(
         raise ValueError(
             f"{path} was trained with template {recorded!r} (its run config's data.template), not {template!r}"
         )
-    return _finish(
-        model,
-        tokenizer,
-        run_config,
-        device=device,
-        torch_dtype=torch_dtype,
-        load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit,
-        model_id=model_id,
-    )
+    return model, tokenizer, run_config
 
 
 def is_imported_source(path: str | Path) -> bool:
