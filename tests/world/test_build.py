@@ -138,3 +138,22 @@ def test_backbone_pretraining_is_deterministic(tiny_world, tiny_world_cfg):
     for a, b in zip(runs[0], runs[1], strict=True):
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(pa, pb), name
+
+
+def test_text_qa_accuracy_scores_the_pretrained_lm(tiny_world, tiny_world_cfg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llava_lit.world.backbones import text_qa_accuracy
+    from llava_lit.world.dialogues import QUESTION_TYPES
+    from llava_lit.world.scenes import generate_scene_sets
+
+    tok = AutoTokenizer.from_pretrained(tiny_world / "llm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "llm").eval()
+    scenes = generate_scene_sets(tiny_world_cfg)["eval"][:10]
+    side, pad = tok.padding_side, tok.pad_token
+    acc = text_qa_accuracy(model, tok, scenes, tiny_world_cfg, batch_size=16)
+    assert set(acc) <= {*QUESTION_TYPES, "overall"} and {"count", "overall"} <= set(acc)
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert (tok.padding_side, tok.pad_token) == (side, pad)  # the tokenizer is left as it was
+    info = load_world_info(tiny_world)
+    assert "overall" in info["metrics"]["llm"]["text_qa_accuracy"]

@@ -31,8 +31,9 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from llava_lit.conversation import VICUNA_SYSTEM
 from llava_lit.world.config import WorldConfig
-from llava_lit.world.dialogues import caption
+from llava_lit.world.dialogues import QUESTION_TYPES, all_qas, caption
 from llava_lit.world.scenes import SLOTS, Scene, SceneObject
 
 Progress = Callable[[int], None]
@@ -444,6 +445,48 @@ def train_llm(
         "vocab_size": config.vocab_size,
         "tokenizer_size": len(tok),
     }
+
+
+@torch.no_grad()
+def text_qa_accuracy(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerBase,
+    scenes: list[Scene],
+    cfg: WorldConfig,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Greedy accuracy of the LM on held-out questions whose scene is given as its caption, in text.
+
+    The prompt is a stage-2 prompt with the caption standing where the image will be, so this measures the
+    reading skill stage 2 relies on (look up an object's attribute, count, compare positions) before any image
+    is involved. Scored like `score.py`: the gold key must appear in the answer. Keys: question types and
+    `overall`; chance is about what `score.py` reports for the same types.
+    """
+    rng = random.Random(cfg.seed + 4)
+    items = []
+    for scene in scenes:
+        for category, qas in all_qas(scene, cfg, rng).items():
+            if qas:
+                qa = rng.choice(qas)
+                prompt = f"{VICUNA_SYSTEM} USER: {caption(scene)}\n{qa.question} ASSISTANT:"
+                items.append((category, prompt, qa.key))
+    side, pad = tok.padding_side, tok.pad_token
+    tok.padding_side = "left"  # generation continues every row from its last prompt token
+    tok.pad_token = tok.pad_token or tok.eos_token
+    hits: dict[str, list[float]] = {t: [] for t in QUESTION_TYPES}
+    try:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            enc = tok([p for _, p, _ in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+            answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for (category, _, key), answer in zip(chunk, answers, strict=True):
+                hits[category].append(float(key.lower() in answer.lower()))
+    finally:
+        tok.padding_side, tok.pad_token = side, pad
+    result = {t: _mean(v) for t, v in hits.items() if v}
+    result["overall"] = _mean([h for v in hits.values() for h in v])
+    return result
 
 
 def save_llm(model: LlamaForCausalLM, tok_dir: Path, llm_dir: Path) -> None:

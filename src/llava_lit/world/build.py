@@ -42,6 +42,7 @@ from llava_lit.world.backbones import (
     patch_probe,
     save_clip,
     save_llm,
+    text_qa_accuracy,
     train_clip,
     train_llm,
     train_tokenizer,
@@ -170,6 +171,7 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
 
         with step("llm pretraining", cfg.llm_steps) as advance:
             llm, metrics["llm"] = train_llm(train_docs, heldout_docs, tok, cfg, advance)
+            metrics["llm"]["text_qa_accuracy"] = text_qa_accuracy(llm, tok, scenes["eval"][:150], cfg)
             save_llm(llm, tok_dir, out / "llm")
 
         with step("shards", len(records)) as advance:
