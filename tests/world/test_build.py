@@ -157,3 +157,20 @@ def test_text_qa_accuracy_scores_the_pretrained_lm(tiny_world, tiny_world_cfg):
     assert (tok.padding_side, tok.pad_token) == (side, pad)  # the tokenizer is left as it was
     info = load_world_info(tiny_world)
     assert "overall" in info["metrics"]["llm"]["text_qa_accuracy"]
+
+
+def test_save_llm_copies_tokenizer_files_only(tiny_world, tmp_path):
+    # A folder holding both a tokenizer and an older model: the model saved elsewhere keeps its own weights.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llava_lit.world.backbones import save_llm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "llm")
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # now differs from the model saved in tiny_world/llm
+    out = tmp_path / "llm"
+    save_llm(model, tiny_world / "llm", out)
+    saved = load_file(out / "model.safetensors")
+    assert torch.equal(saved["lm_head.weight"], model.lm_head.weight)
+    assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()

@@ -490,11 +490,15 @@ def text_qa_accuracy(
 
 
 def save_llm(model: LlamaForCausalLM, tok_dir: Path, llm_dir: Path) -> None:
-    """Save the LM with `save_pretrained`, with its tokenizer files (incl. `tokenizer.model`) beside it."""
+    """Save the LM with `save_pretrained`, with its tokenizer files (incl. `tokenizer.model`) beside it.
+
+    Only tokenizer files are copied from `tok_dir`: a model saved there before must not overwrite this one.
+    """
     model.save_pretrained(str(llm_dir))
     if tok_dir.resolve() != llm_dir.resolve():
         for f in tok_dir.iterdir():
-            shutil.copy(f, llm_dir / f.name)
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json"):
+                shutil.copy(f, llm_dir / f.name)
 
 
 @torch.no_grad()
