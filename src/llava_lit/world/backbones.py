@@ -31,10 +31,11 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from llava_lit.conversation import VICUNA_SYSTEM
+from llava_lit.conversation import get_template
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.dialogues import QUESTION_TYPES, all_qas, caption
 from llava_lit.world.scenes import SLOTS, Scene, SceneObject
+from llava_lit.world.score import is_correct
 
 Progress = Callable[[int], None]
 """Called with the number of steps just completed (drives the build's progress bar)."""
@@ -459,17 +460,19 @@ def text_qa_accuracy(
 
     The prompt is a stage-2 prompt with the caption standing where the image will be, so this measures the
     reading skill stage 2 relies on (look up an object's attribute, count, compare positions) before any image
-    is involved. Scored like `score.py`: the gold key must appear in the answer. Keys: question types and
-    `overall`; chance is about what `score.py` reports for the same types.
+    is involved. Scored by `score.is_correct`, as the image evaluation is. Keys: question types and `overall`.
     """
     rng = random.Random(cfg.seed + 4)
+    template = get_template("vicuna_v1")  # the stage-2 template
     items = []
     for scene in scenes:
         for category, qas in all_qas(scene, cfg, rng).items():
             if qas:
                 qa = rng.choice(qas)
-                prompt = f"{VICUNA_SYSTEM} USER: {caption(scene)}\n{qa.question} ASSISTANT:"
-                items.append((category, prompt, qa.key))
+                turn = {"role": "user", "content": f"{caption(scene)}\n{qa.question}"}
+                prompt = template.render([turn], add_generation_prompt=True).text
+                gold = {"category": category, "key": qa.key, "candidates": list(qa.candidates)}
+                items.append((category, prompt, gold))
     side, pad = tok.padding_side, tok.pad_token
     tok.padding_side = "left"  # generation continues every row from its last prompt token
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -480,8 +483,8 @@ def text_qa_accuracy(
             enc = tok([p for _, p, _ in chunk], return_tensors="pt", padding=True)
             out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
             answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for (category, _, key), answer in zip(chunk, answers, strict=True):
-                hits[category].append(float(key.lower() in answer.lower()))
+            for (category, _, gold), answer in zip(chunk, answers, strict=True):
+                hits[category].append(float(is_correct(gold, answer)))
     finally:
         tok.padding_side, tok.pad_token = side, pad
     result = {t: _mean(v) for t, v in hits.items() if v}
