@@ -1,8 +1,8 @@
 """The embedded default, end to end and shortened: world build, align, finetune, held-out evaluation, notebook.
 
 This is what `make demo` runs (the `trained_world` fixture builds the world and runs the two stages; the
-no-stage-1 ablation, which costs a second finetune, is left out). It asserts that learning happened, not only that the path ran:
-held-out accuracy well above chance, and above the same model looking at blank images.
+no-stage-1 ablation, which costs a second finetune, is left out). It asserts that learning happened, not only
+that the path ran: held-out accuracy well above chance, and above the same model looking at blank images.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "world_answers.ip
 
 
 @pytest.mark.slow
-def test_default_path_learns_on_the_ci_world(trained_world):
+def test_default_path_learns_on_the_default_world(trained_world):
     align, finetune = trained_world["metrics"]["align"], trained_world["metrics"]["finetune"]
     assert trained_world["finetune"].is_file()
     assert "samples/overall/acc" in finetune  # the in-training sample answers were scored
