@@ -14,6 +14,7 @@ import pytest
 from nbclient import NotebookClient
 
 from llava_lit.world import evaluate as world_evaluate
+from llava_lit.world.build import load_world_info
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "world_answers.ipynb"
 
@@ -24,14 +25,21 @@ def test_default_path_learns_on_the_default_world(trained_world):
     assert trained_world["finetune"].is_file()
     assert "samples/overall/acc" in finetune  # the in-training sample answers were scored
     assert align["val/loss"] < 2.0 and finetune["val/loss"] < 0.5, (align, finetune)
+    # The tower LLaVA reads encodes shape in the patch under each object (0.94 measured; 0.52 without the
+    # region-phrase loss at 96 px).
+    probe = load_world_info(trained_world["world"])["metrics"]["clip"]["patch_probe"]["pretrained"]
+    assert probe["shape"] >= 0.85 and probe["color"] >= 0.95, probe
 
     report = world_evaluate.run([*trained_world["overrides"], "evaluate.no_align=false"])
     table = report["table"]
-    # Measured on this preset: 53.7 % overall against 32.7 % chance and 24.9 % with blank images.
-    assert table["overall"]["llava"] >= table["overall"]["chance"] + 15, table
-    assert table["overall"]["llava"] >= table["overall"]["blank image"] + 20, table
-    for question_type in ("count", "remove"):  # the types this world's model learns best
-        assert table[question_type]["llava"] >= 80, table
+    # Measured on this preset: 75.3 % overall against 32.7 % chance and 26.1 % with blank images; count 97,
+    # remove 98, shape 78. The bounds leave room for run-to-run drift (variants of the recipe scored 67-75).
+    assert table["overall"]["llava"] >= table["overall"]["chance"] + 25, table
+    assert table["overall"]["llava"] >= table["overall"]["blank image"] + 30, table
+    for question_type in ("count", "remove"):  # diffuse looks at the image, learned first
+        assert table[question_type]["llava"] >= 90, table
+    # Shape needs the tower's patch tokens to encode it (the region-phrase loss) and a lookup by color.
+    assert table["shape"]["llava"] >= 60, table
     assert Path(report["loss_curves"]).is_file()
 
 

@@ -20,7 +20,7 @@ def test_layout_and_world_json(tiny_world, tiny_world_cfg):
         assert (tiny_world / rel).is_dir(), rel
     info = load_world_info(tiny_world)
     assert info["fingerprint"] == tiny_world_cfg.fingerprint()
-    assert info["num_image_tokens"] == 64
+    assert info["num_image_tokens"] == tiny_world_cfg.num_image_tokens == 49
     assert set(info["timings_s"]) == {
         "scenes + images",
         "records + questions",
@@ -43,7 +43,7 @@ def test_clip_vision_tower_and_processor_load(tiny_world, tiny_world_cfg):
     processor = CLIPImageProcessor.from_pretrained(tiny_world / "clip")
     img = Image.open(next((tiny_world / "images" / "train").glob("*.png"))).convert("RGB")
     pixels = processor(images=img, return_tensors="pt")["pixel_values"]
-    assert pixels.shape == (1, 3, 96, 96)
+    assert pixels.shape == (1, 3, tiny_world_cfg.image_size, tiny_world_cfg.image_size)
     # The processor is a no-op resize at the world's size: what CLIP was trained on is what LLaVA sees.
     ours = normalize_images(torch.from_numpy(np.array(img))[None])
     assert torch.allclose(pixels, ours, atol=1e-2)

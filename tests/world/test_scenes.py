@@ -64,7 +64,16 @@ def test_held_out_scenes_never_in_training(scene_sets):
 def test_shapes_are_visible_but_not_huge():
     for frac in CFG.shape_sizes.values():
         assert 0.10 <= frac <= 0.15
-    assert CFG.num_image_tokens == 64
+    assert CFG.num_image_tokens == 49
+
+
+def test_every_object_centre_stays_inside_one_patch():
+    # The odd 7 x 7 grid puts each slot centre, jitter included, inside a patch rather than on a patch corner,
+    # so the patch token under an object sees most of it (what the region-phrase loss and LLaVA read).
+    grid = CFG.image_size // CFG.patch_size
+    for sx, sy in SLOTS.values():
+        for c in (sx, sy):
+            assert int((c - CFG.position_jitter) * grid) == int((c + CFG.position_jitter) * grid), (sx, sy)
 
 
 def test_blank_image_is_uniform():

@@ -33,7 +33,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from llava_lit.conversation import get_template
 from llava_lit.world.config import WorldConfig
-from llava_lit.world.dialogues import QUESTION_TYPES, all_qas, caption
+from llava_lit.world.dialogues import POSITION_PHRASES, QUESTION_TYPES, all_qas, caption, noun_phrase
 from llava_lit.world.scenes import SLOTS, Scene, SceneObject
 from llava_lit.world.score import is_correct
 
@@ -168,6 +168,22 @@ def _clip_features(
     return F.normalize(feats, dim=-1)
 
 
+def region_phrase(obj: SceneObject) -> str:
+    """The caption fragment that names one object, e.g. 'a red circle on the left'."""
+    return f"{noun_phrase(obj)} {POSITION_PHRASES[obj.position]}"
+
+
+def _object_patches(scenes: list[Scene], grid: int) -> tuple[list[int], list[int], list[SceneObject]]:
+    # (image row, patch index under the object's centre, object) for every object of the batch.
+    rows, patches, objs = [], [], []
+    for b, scene in enumerate(scenes):
+        for o in scene.objects:
+            rows.append(b)
+            patches.append(min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1))
+            objs.append(o)
+    return rows, patches, objs
+
+
 def train_clip(
     images: torch.Tensor,
     scenes: list[Scene],
@@ -175,7 +191,15 @@ def train_clip(
     cfg: WorldConfig,
     progress: Progress,
 ) -> tuple[CLIPModel, dict]:
-    """Contrastive pretraining (CLIP loss, plus one one-attribute-off caption per image as an extra negative).
+    """Contrastive pretraining: the CLIP loss (plus one-attribute-off captions as extra negatives) and a
+    region-phrase loss that grounds each object's patch token in the phrase naming it.
+
+    The CLIP loss reaches the patch tokens only through the pooled embedding, where an object of 1-2 patches
+    is a small part of the image: trained on it alone, the tiny tower's patch tokens barely tell a circle from a
+    square (`docs/benchmarks.md`). LLaVA reads exactly those tokens, so the region-phrase loss (as in
+    grounded pretraining, GLIP/RegionCLIP) contrasts the token under each object's centre, at the layer LLaVA
+    reads (`hidden_states[-2]`), with the text embeddings of every phrase the world can name ("a red circle on
+    the left"), weighted by `cfg.clip_region_weight`.
 
     `images`: uint8 [N, H, W, 3] of `scenes`. Returns the model and its loss curve summary.
     """
@@ -184,6 +208,7 @@ def train_clip(
     vocab = len(tok)
     max_len = 48
     h = cfg.clip_hidden_size
+    grid = cfg.image_size // cfg.patch_size
     config = CLIPConfig(
         text_config=dict(
             vocab_size=vocab + 1,
@@ -207,13 +232,21 @@ def train_clip(
         projection_dim=h,
     )
     model = CLIPModel(config)
-    _init_2d_positions(
-        model.vision_model.embeddings.position_embedding.weight, cfg.image_size // cfg.patch_size
-    )
+    _init_2d_positions(model.vision_model.embeddings.position_embedding.weight, grid)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     sched = _warmup_cosine(opt, cfg.clip_steps)
     captions = [caption(s) for s in scenes]
-    losses = []
+    phrases = sorted(
+        {
+            region_phrase(SceneObject(s, c, "", p, 0.0, 0.0))
+            for s in cfg.shapes
+            for c in cfg.palette
+            for p in SLOTS
+        }
+    )
+    phrase_ids = _clip_text_ids(phrases, tok, vocab, max_len)
+    phrase_index = {p: i for i, p in enumerate(phrases)}
+    losses, region_losses = [], []
     model.train()
     for _ in range(cfg.clip_steps):
         idx = rng.sample(range(len(scenes)), k=min(cfg.clip_batch_size, len(scenes)))
@@ -222,12 +255,22 @@ def train_clip(
         negatives = [caption(hard_negative(scenes[i], cfg, rng, ("position", "shape"))[1]) for i in idx]
         negatives += [caption(hard_negative(scenes[i], cfg, rng)[1]) for i in idx]
         ids = _clip_text_ids([captions[i] for i in idx] + negatives, tok, vocab, max_len)
-        img = _clip_features(model, pixels=normalize_images(images[idx]))  # [B, P]
+        vision = model.vision_model(pixel_values=normalize_images(images[idx]), output_hidden_states=True)
+        img = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)  # [B, P]
         txt = _clip_features(model, ids=ids)  # [3B, P]: positives then hard negatives
         scale = model.logit_scale.exp().clamp(max=100)
         logits = scale * img @ txt.T  # [B, 3B]
         target = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
+        if cfg.clip_region_weight:
+            rows, patches, objs = _object_patches([scenes[i] for i in idx], grid)
+            tokens = vision.hidden_states[-2][:, 1:][rows, patches]  # [O, h]: each object's centre patch
+            region = F.normalize(model.visual_projection(model.vision_model.post_layernorm(tokens)), dim=-1)
+            named = _clip_features(model, ids=phrase_ids)  # [phrases, P]
+            labels = torch.tensor([phrase_index[region_phrase(o)] for o in objs])
+            region_loss = F.cross_entropy(scale * region @ named.T, labels)
+            region_losses.append(region_loss.item())
+            loss = loss + cfg.clip_region_weight * region_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -235,7 +278,13 @@ def train_clip(
         losses.append(loss.item())
         progress(1)
     model.eval()
-    return model, {"loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])}
+    summary = {"loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])}
+    if region_losses:
+        summary |= {
+            "region_loss_first": _mean(region_losses[:10]),
+            "region_loss_last": _mean(region_losses[-10:]),
+        }
+    return model, summary
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-WORLD_FORMAT_VERSION = 3
+WORLD_FORMAT_VERSION = 4
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
 
 
@@ -45,11 +45,16 @@ class WorldConfig:
     seed: int = 0
     """Seed of every random choice: scenes, dialogues, backbone initialisation and batch order."""
 
-    image_size: int = 96
+    image_size: int = 84
     """Side of the square rendered images in pixels (and the CLIP tower's input size)."""
 
     patch_size: int = 12
-    """CLIP patch size; (image_size / patch_size)^2 is the number of image tokens the LLaVA sees (64 here)."""
+    """CLIP patch size; (image_size / patch_size)^2 is the number of image tokens the LLaVA sees (49 here).
+
+    An odd grid (7 x 7) puts every slot centre (0.2, 0.5, 0.8 of the width) inside one patch; on an even grid the
+    centre slot falls on the corner of four patches and its object is cut in quarters, which the tiny tower's
+    patch tokens then cannot tell the shape of (patch-probe shape 0.76 at 96 px / 8 x 8 vs 0.96 at 84 px / 7 x 7).
+    """
 
     shape_sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.11, "large": 0.15})
     """Named object sizes as a fraction of the image width (extent of the shape's bounding box)."""
@@ -113,6 +118,9 @@ class WorldConfig:
 
     clip_batch_size: int = 128
     """Image-caption pairs per contrastive step (the in-batch negatives)."""
+
+    clip_region_weight: float = 3.0
+    """Weight of the region-phrase loss (each object's patch token vs. the phrase naming it); 0 = CLIP loss only."""
 
     clip_lr: float = 2e-3
     """Peak AdamW learning rate of the CLIP pretraining (cosine decay after a short warm-up)."""
