@@ -8,6 +8,7 @@ import torch
 
 from llava_lit.world.backbones import _object_patches, region_phrase, train_clip
 from llava_lit.world.config import WorldConfig
+from llava_lit.world.dialogues import caption
 from llava_lit.world.scenes import generate_scene_sets, render_scene
 
 
@@ -31,7 +32,8 @@ def test_object_patches_are_the_patches_under_each_object():
 def test_region_phrase_names_color_shape_and_position():
     scene = generate_scene_sets(WorldConfig.ci())["train"][0]
     obj = scene.objects[0]
-    phrase = region_phrase(obj)
+    phrase = region_phrase(obj.color, obj.shape, obj.position)
+    assert phrase in caption(scene)  # the fragment of the caption that names this object
     assert obj.color in phrase and obj.shape in phrase
     assert phrase.split(obj.shape)[1].strip() in {
         "on the left",

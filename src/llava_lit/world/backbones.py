@@ -33,7 +33,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from llava_lit.conversation import get_template
 from llava_lit.world.config import WorldConfig
-from llava_lit.world.dialogues import POSITION_PHRASES, QUESTION_TYPES, all_qas, caption, noun_phrase
+from llava_lit.world.dialogues import POSITION_PHRASES, QUESTION_TYPES, all_qas, article, caption
 from llava_lit.world.scenes import SLOTS, Scene, SceneObject
 from llava_lit.world.score import is_correct
 
@@ -168,18 +168,23 @@ def _clip_features(
     return F.normalize(feats, dim=-1)
 
 
-def region_phrase(obj: SceneObject) -> str:
+def region_phrase(color: str, shape: str, position: str) -> str:
     """The caption fragment that names one object, e.g. 'a red circle on the left'."""
-    return f"{noun_phrase(obj)} {POSITION_PHRASES[obj.position]}"
+    return f"{article(color)} {color} {shape} {POSITION_PHRASES[position]}"
+
+
+def patch_under(obj: SceneObject, grid: int) -> int:
+    """Row-major index of the patch (CLS excluded) under the object's centre on a `grid` x `grid` tower."""
+    return min(int(obj.cy * grid), grid - 1) * grid + min(int(obj.cx * grid), grid - 1)
 
 
 def _object_patches(scenes: list[Scene], grid: int) -> tuple[list[int], list[int], list[SceneObject]]:
-    # (image row, patch index under the object's centre, object) for every object of the batch.
+    # (image row, patch under the object's centre, object) for every object of the batch.
     rows, patches, objs = [], [], []
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             rows.append(b)
-            patches.append(min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1))
+            patches.append(patch_under(o, grid))
             objs.append(o)
     return rows, patches, objs
 
@@ -236,14 +241,7 @@ def train_clip(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     sched = _warmup_cosine(opt, cfg.clip_steps)
     captions = [caption(s) for s in scenes]
-    phrases = sorted(
-        {
-            region_phrase(SceneObject(s, c, "", p, 0.0, 0.0))
-            for s in cfg.shapes
-            for c in cfg.palette
-            for p in SLOTS
-        }
-    )
+    phrases = sorted(region_phrase(c, s, p) for c in cfg.palette for s in cfg.shapes for p in SLOTS)
     phrase_ids = _clip_text_ids(phrases, tok, vocab, max_len)
     phrase_index = {p: i for i, p in enumerate(phrases)}
     losses, region_losses = [], []
@@ -267,7 +265,7 @@ def train_clip(
             tokens = vision.hidden_states[-2][:, 1:][rows, patches]  # [O, h]: each object's centre patch
             region = F.normalize(model.visual_projection(model.vision_model.post_layernorm(tokens)), dim=-1)
             named = _clip_features(model, ids=phrase_ids)  # [phrases, P]
-            labels = torch.tensor([phrase_index[region_phrase(o)] for o in objs])
+            labels = torch.tensor([phrase_index[region_phrase(o.color, o.shape, o.position)] for o in objs])
             region_loss = F.cross_entropy(scale * region @ named.T, labels)
             region_losses.append(region_loss.item())
             loss = loss + cfg.clip_region_weight * region_loss
@@ -364,8 +362,7 @@ def _probe_data(
     x_obj, y_color, y_shape = [], [], []
     for n, scene in enumerate(scenes):
         for o in scene.objects:
-            idx = min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)
-            x_obj.append(feats[n, idx])
+            x_obj.append(feats[n, patch_under(o, grid)])
             y_color.append(colors.index(o.color))
             y_shape.append(shapes.index(o.shape))
     counts = torch.tensor([len(s.objects) - 1 for s in scenes])
