@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from llava_lit.world.backbones import _object_patches, region_phrase, train_clip
+from llava_lit.world.backbones import _object_patches, train_clip
 from llava_lit.world.config import WorldConfig
-from llava_lit.world.dialogues import caption
+from llava_lit.world.dialogues import caption, object_phrase
 from llava_lit.world.scenes import generate_scene_sets, render_scene
 
 
 def test_object_patches_are_the_patches_under_each_object():
     cfg = WorldConfig.ci()
     scenes = generate_scene_sets(cfg)["train"][:30]
-    grid, side = cfg.image_size // cfg.patch_size, cfg.patch_size
+    grid, side = cfg.patch_grid, cfg.patch_size
     rows, patches, objs = _object_patches(scenes, grid)
     assert len(objs) == sum(len(s.objects) for s in scenes)
     for row, patch, obj in zip(rows, patches, objs, strict=True):
@@ -29,10 +29,10 @@ def test_object_patches_are_the_patches_under_each_object():
         assert close.sum() >= 4, (scenes[row].scene_id, obj)
 
 
-def test_region_phrase_names_color_shape_and_position():
+def test_object_phrase_names_color_shape_and_position():
     scene = generate_scene_sets(WorldConfig.ci())["train"][0]
     obj = scene.objects[0]
-    phrase = region_phrase(obj.color, obj.shape, obj.position)
+    phrase = object_phrase(obj.color, obj.shape, obj.position)
     assert phrase in caption(scene)  # the fragment of the caption that names this object
     assert obj.color in phrase and obj.shape in phrase
     assert phrase.split(obj.shape)[1].strip() in {

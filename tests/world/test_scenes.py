@@ -70,7 +70,7 @@ def test_shapes_are_visible_but_not_huge():
 def test_every_object_centre_stays_inside_one_patch():
     # The odd 7 x 7 grid puts each slot centre, jitter included, inside a patch rather than on a patch corner,
     # so the patch token under an object sees most of it (what the region-phrase loss and LLaVA read).
-    grid = CFG.image_size // CFG.patch_size
+    grid = CFG.patch_grid
     for sx, sy in SLOTS.values():
         for c in (sx, sy):
             assert int((c - CFG.position_jitter) * grid) == int((c + CFG.position_jitter) * grid), (sx, sy)

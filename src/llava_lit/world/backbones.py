@@ -33,7 +33,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from llava_lit.conversation import get_template
 from llava_lit.world.config import WorldConfig
-from llava_lit.world.dialogues import POSITION_PHRASES, QUESTION_TYPES, all_qas, article, caption
+from llava_lit.world.dialogues import QUESTION_TYPES, all_qas, caption, object_phrase
 from llava_lit.world.scenes import SLOTS, Scene, SceneObject
 from llava_lit.world.score import is_correct
 
@@ -168,11 +168,6 @@ def _clip_features(
     return F.normalize(feats, dim=-1)
 
 
-def region_phrase(color: str, shape: str, position: str) -> str:
-    """The caption fragment that names one object, e.g. 'a red circle on the left'."""
-    return f"{article(color)} {color} {shape} {POSITION_PHRASES[position]}"
-
-
 def patch_under(obj: SceneObject, grid: int) -> int:
     """Row-major index of the patch (CLS excluded) under the object's centre on a `grid` x `grid` tower."""
     return min(int(obj.cy * grid), grid - 1) * grid + min(int(obj.cx * grid), grid - 1)
@@ -213,7 +208,7 @@ def train_clip(
     vocab = len(tok)
     max_len = 48
     h = cfg.clip_hidden_size
-    grid = cfg.image_size // cfg.patch_size
+    grid = cfg.patch_grid
     config = CLIPConfig(
         text_config=dict(
             vocab_size=vocab + 1,
@@ -241,7 +236,7 @@ def train_clip(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     sched = _warmup_cosine(opt, cfg.clip_steps)
     captions = [caption(s) for s in scenes]
-    phrases = sorted(region_phrase(c, s, p) for c in cfg.palette for s in cfg.shapes for p in SLOTS)
+    phrases = sorted(object_phrase(c, s, p) for c in cfg.palette for s in cfg.shapes for p in SLOTS)
     phrase_ids = _clip_text_ids(phrases, tok, vocab, max_len)
     phrase_index = {p: i for i, p in enumerate(phrases)}
     losses, region_losses = [], []
@@ -265,7 +260,7 @@ def train_clip(
             tokens = vision.hidden_states[-2][:, 1:][rows, patches]  # [O, h]: each object's centre patch
             region = F.normalize(model.visual_projection(model.vision_model.post_layernorm(tokens)), dim=-1)
             named = _clip_features(model, ids=phrase_ids)  # [phrases, P]
-            labels = torch.tensor([phrase_index[region_phrase(o.color, o.shape, o.position)] for o in objs])
+            labels = torch.tensor([phrase_index[object_phrase(o.color, o.shape, o.position)] for o in objs])
             region_loss = F.cross_entropy(scale * region @ named.T, labels)
             region_losses.append(region_loss.item())
             loss = loss + cfg.clip_region_weight * region_loss
@@ -357,7 +352,7 @@ def _patch_features(tower: CLIPVisionModel, images: torch.Tensor) -> torch.Tenso
 def _probe_data(
     feats: torch.Tensor, scenes: list[Scene], cfg: WorldConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    grid = cfg.image_size // cfg.patch_size
+    grid = cfg.patch_grid
     colors, shapes = sorted(cfg.palette), list(cfg.shapes)
     x_obj, y_color, y_shape = [], [], []
     for n, scene in enumerate(scenes):

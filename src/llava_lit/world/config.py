@@ -53,7 +53,7 @@ class WorldConfig:
 
     An odd grid (7 x 7) puts every slot centre (0.2, 0.5, 0.8 of the width) inside one patch; on an even grid the
     centre slot falls on the corner of four patches and its object is cut in quarters, which the tiny tower's
-    patch tokens then cannot tell the shape of (patch-probe shape 0.76 at 96 px / 8 x 8 vs 0.96 at 84 px / 7 x 7).
+    patch tokens then cannot tell the shape of (patch-probe shape 0.76 at 96 px / 8 x 8 vs 0.94 at 84 px / 7 x 7).
     """
 
     shape_sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.11, "large": 0.15})
@@ -183,9 +183,14 @@ class WorldConfig:
         raise ValueError(f"unknown world preset {name!r}: use 'default' or 'ci'")
 
     @property
+    def patch_grid(self) -> int:
+        """Patches per side of the CLIP tower's grid (7 for 84 px with 12 px patches)."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_image_tokens(self) -> int:
         """Patch tokens the CLIP tower yields per image (CLS excluded), i.e. what one `<image>` expands to."""
-        return (self.image_size // self.patch_size) ** 2
+        return self.patch_grid**2
 
     def validate(self) -> None:
         """Raise `ValueError` for settings that cannot produce a sensible world."""

@@ -96,9 +96,14 @@ def join_words(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def object_phrase(color: str, shape: str, position: str) -> str:
+    """One object as captions name it, e.g. 'a red circle on the left'."""
+    return f"{article(color)} {color} {shape} {POSITION_PHRASES[position]}"
+
+
 def caption(scene: Scene) -> str:
     """Stage-1 caption, e.g. 'a red circle on the left and a blue square on the right'."""
-    return join_words([f"{noun_phrase(o)} {POSITION_PHRASES[o.position]}" for o in ordered(scene)])
+    return join_words([object_phrase(o.color, o.shape, o.position) for o in ordered(scene)])
 
 
 def detailed_description(scene: Scene) -> str:
