@@ -8,8 +8,9 @@ batches (uneven splits hang DDP), no sample is read twice in an epoch, several r
 one shard (fewer shards than workers is fine), and the epoch length is known in `setup()` without scanning.
 
 Inside a worker, raw samples pass a seeded shuffle buffer, then are decoded explicitly (JSON, PIL), encoded
-(`tokenization.encode_conversation`) and batched (`collate.collate`). A sample that must be skipped (no
-buildable mask, undecodable image) is counted per reason and logged; to keep batch counts equal the worker
+(`tokenization.encode_conversation`) and batched (`collate.collate`). With `group_by_length`, the samples of
+each optimizer step (its accumulated micro-batches) are sorted by length before they are cut into micro-batches:
+the step sees the same samples, padded less. A sample that must be skipped (no buildable mask, undecodable image) is counted per reason and logged; to keep batch counts equal the worker
 then repeats one of its earlier samples at the end of its share (counted as `repeated_to_fill`).
 """
 
@@ -187,6 +188,7 @@ class ShardStream(IterableDataset):
         shuffle: bool,
         shuffle_buffer: int,
         counter: SkipCounter,
+        length_group: int = 1,
     ) -> None:
         self.sources = list(sources)
         self.encoder = encoder
@@ -198,6 +200,10 @@ class ShardStream(IterableDataset):
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.counter = counter
+        if length_group < 1:
+            raise ValueError(f"length_group must be >= 1 batch, got {length_group}")
+        self.length_group = length_group
+        """Consecutive batches of a worker whose samples are sorted by length before batching (1 = stream order)."""
         self.epoch = 0
         self.resume_batches = 0
         """Batches of the current epoch already consumed before a mid-epoch resume; skipped on the next pass."""
@@ -279,19 +285,31 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         segments = self.worker_segments(worker, num_workers)
-        share = sum(len(s) for s in segments)
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
+        # Resuming mid-epoch: the groups this worker already delivered in full are passed over as raw samples
+        # (the shuffle buffer still sees them, so the order is the one of the interrupted run, but nothing is
+        # decoded); of the group it was in, the batches it delivered are rebuilt and dropped. Exact unless
+        # samples were skipped in that part, which shifts batch boundaries slightly.
+        consumed = self.consumed_by_worker(self.resume_batches, num_workers)[worker]
+        done_groups, done_batches = divmod(consumed, self.length_group)
+        group_samples = self.length_group * self.batch_size
+        samples = self._good_samples(segments, rng, worker, skip=done_groups * group_samples)
+        for index, group in enumerate(_chunks(samples, group_samples), start=done_groups):
+            batches = self._group_batches(group)
+            for batch in batches[done_batches if index == done_groups else 0 :]:
+                yield collate(batch, self.pad_token_id)
+
+    def _good_samples(
+        self, segments: Sequence[Segment], rng: random.Random, worker: int, skip: int
+    ) -> Iterator[dict[str, Any]]:
+        """The worker's encoded samples after the first `skip`; skipped ones are counted and replaced at the end."""
+        share = sum(len(s) for s in segments)
         produced: list[dict[str, Any]] = []
-        batch: list[dict[str, Any]] = []
         logged: dict[str, int] = {}
-        # Resuming mid-epoch: pass over the samples behind the batches this worker already delivered. The
-        # shuffle buffer still sees them (so the order is the one of the interrupted run) but nothing is
-        # decoded. Exact unless samples were skipped in that part, which shifts batch boundaries slightly.
-        to_skip = self.consumed_by_worker(self.resume_batches, num_workers)[worker] * self.batch_size
-        good = to_skip
+        good = skip
         for raw in self._raw_samples(segments, rng):
-            if to_skip:
-                to_skip -= 1
+            if skip:
+                skip -= 1
                 continue
             try:
                 sample = self.encoder(raw)
@@ -304,10 +322,8 @@ class ShardStream(IterableDataset):
             good += 1
             if len(produced) < self.batch_size:
                 produced.append(sample)
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield collate(batch, self.pad_token_id)
-                batch = []
+            yield sample
+        # To keep batch counts equal across ranks, repeat earlier samples in place of the skipped ones.
         missing = share - good
         if missing > 0:
             if not produced:
@@ -317,12 +333,13 @@ class ShardStream(IterableDataset):
                 )
             self.counter.add("repeated_to_fill", missing)
             for k in range(missing):
-                batch.append(produced[k % len(produced)])
-                if len(batch) == self.batch_size:
-                    yield collate(batch, self.pad_token_id)
-                    batch = []
-        if batch:
-            yield collate(batch, self.pad_token_id)
+                yield produced[k % len(produced)]
+
+    def _group_batches(self, group: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Cut one group of samples into batches, sorted by length first when groups span several batches."""
+        if self.length_group > 1:
+            group = sorted(group, key=lambda sample: len(sample["input_ids"]))
+        return [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
 
     def _count_skip(self, reason: str, raw: dict[str, Any], err: Exception, logged: dict[str, int]) -> None:
         self.counter.add(reason)
@@ -372,6 +389,8 @@ class LlavaDataModule(L.LightningDataModule):
         val_sources: Sequence[Mapping[str, Any]] | str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pin_memory: bool = True,
+        group_by_length: bool = False,
+        accumulate_grad_batches: int = 1,
         world_size: int | None = None,
         rank: int | None = None,
     ) -> None:
@@ -389,6 +408,12 @@ class LlavaDataModule(L.LightningDataModule):
         val_sources: separate validation shard folders (used as well as any held-out shards).
         max_pixels: images with more pixels are skipped before decoding.
         pin_memory: pin batches in page-locked memory (for GPU training).
+        group_by_length: sort the samples of each optimizer step by length before cutting them into
+            micro-batches, so each pads to a near-equal length while the step's samples stay a random draw
+            (what LLaVA's `group_by_modality_length` achieves across GPUs). Needs gradient accumulation to
+            do anything; exact when `accumulate_grad_batches` is a multiple of `num_workers`.
+        accumulate_grad_batches: micro-batches per optimizer step on this rank; injected by the training
+            entry point, which derives it from the global batch size.
         world_size / rank: override the distributed layout (default: the trainer, torch.distributed, env).
         """
         super().__init__()
@@ -407,6 +432,8 @@ class LlavaDataModule(L.LightningDataModule):
         self.val_shards_per_source = val_shards_per_source
         self.max_pixels = max_pixels
         self.pin_memory = pin_memory
+        self.group_by_length = group_by_length
+        self.accumulate_grad_batches = accumulate_grad_batches
         self._world_size = world_size
         self._rank = rank
         self._epochs_started = -1
@@ -475,9 +502,20 @@ class LlavaDataModule(L.LightningDataModule):
             shuffle=shuffle,
             shuffle_buffer=self.shuffle_buffer,
             counter=self._counter,
+            length_group=self._length_group() if shuffle else 1,  # validation: stream order, comparable loss
         )
         stream.num_workers = self.num_workers
         return stream
+
+    def _length_group(self) -> int:
+        """Batches per length-sorted group in one worker: that worker's share of an optimizer step.
+
+        The DataLoader hands out worker batches in turn, so with accumulation A and W workers each step holds
+        A / W consecutive batches of every worker.
+        """
+        if not self.group_by_length:
+            return 1
+        return max(1, self.accumulate_grad_batches // max(1, self.num_workers))
 
     def _next_epoch(self) -> int:
         if self.trainer is not None:
@@ -522,6 +560,18 @@ class LlavaDataModule(L.LightningDataModule):
         if stream.rank_samples == 0:
             raise ValueError(f"{stream.epoch_samples} validation samples cannot feed {self.world()[0]} ranks")
         return self._loader(stream, lambda: 0)
+
+
+def _chunks(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive lists of `size` items; the last may be shorter."""
+    chunk: list[dict[str, Any]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _as_specs(sources: Sequence[Mapping[str, Any]] | str | None) -> list[dict[str, Any]]:

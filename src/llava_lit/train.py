@@ -135,6 +135,9 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         tokenizer=tokenizer,
         image_processor=tower.image_processor,
         num_image_tokens=tower.num_image_tokens,
+        accumulate_grad_batches=gradient_accumulation(
+            cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer)
+        ),
     )
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
     module = LlavaLitModule(

@@ -92,6 +92,44 @@ def test_epochs_reshuffle_and_are_reproducible(shards, llama_tokenizer, clip_pro
     assert [i for b in again.train_dataloader() for i in b["ids"]] == epoch0
 
 
+def test_group_by_length_sorts_each_step_and_keeps_its_samples(shards, llama_tokenizer, clip_processor_56):
+    # Micro-batches of 4, 3 per optimizer step: each step's 12 samples are the ones it gets without
+    # grouping, cut into micro-batches by length.
+    plain = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0, accumulate_grad_batches=3)
+    grouped = make_dm(
+        shards,
+        llama_tokenizer,
+        clip_processor_56,
+        num_workers=0,
+        accumulate_grad_batches=3,
+        group_by_length=True,
+    )
+    plain.setup("fit")
+    grouped.setup("fit")
+    ungrouped_batches, batches = run_epoch(plain), run_epoch(grouped)
+    assert len(batches) == len(ungrouped_batches) == grouped.train_batches_per_epoch == 10
+    for step in range(0, 10, 3):
+        ids = [i for b in batches[step : step + 3] for i in b["ids"]]
+        assert sorted(ids) == sorted(i for b in ungrouped_batches[step : step + 3] for i in b["ids"])
+        lengths = [b["attention_mask"].sum(1).tolist() for b in batches[step : step + 3]]
+        assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:], strict=False))
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    assert padded < sum(b["attention_mask"].numel() for b in ungrouped_batches)
+    # Resuming after batch 4 (inside the second step) rebuilds that step and yields its remaining batches.
+    resumed = make_dm(
+        shards,
+        llama_tokenizer,
+        clip_processor_56,
+        num_workers=0,
+        accumulate_grad_batches=3,
+        group_by_length=True,
+    )
+    resumed.setup("fit")
+    loader = resumed.train_dataloader()
+    loader.resume_fn = lambda: 4
+    assert [b["ids"] for b in loader] == [b["ids"] for b in batches[4:]]
+
+
 def test_fewer_shards_than_workers(llava_dataset, llama_tokenizer, clip_processor_56, tmp_path):
     convert(llava_dataset["json"], llava_dataset["images"], tmp_path, samples_per_shard=100, progress=False)
     counts = []
