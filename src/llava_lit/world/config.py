@@ -124,7 +124,7 @@ class WorldConfig:
     clip_heads: int = 4
     """Attention heads of both CLIP towers."""
 
-    clip_steps: int = 500
+    clip_steps: int = 600
     """Contrastive pretraining steps of the tiny CLIP."""
 
     clip_batch_size: int = 128
