@@ -89,37 +89,17 @@ def test_every_question_form_with_its_answer():
     assert "Which shape is closest to the bottom?" not in qas
 
 
-def test_existence_answers_say_what_the_color_is_then_yes_or_no():
+def test_existence_yes_and_no():
     answers = {}
     for seed in range(60):
-        exist = all_qas(SCENE, CFG, random.Random(seed))["exist"]
-        assert len(exist) == 1
-        for qa in exist:
-            color, shape = qa.question.removeprefix("Is there ").rstrip("?").split(" ")[-2:]
-            present = (color, shape) in {(o.color, o.shape) for o in SCENE.objects}
-            assert qa.key == ("yes" if present else "no")
-            assert qa.answer.endswith(f", so {qa.key}.")
-            held = [o for o in SCENE.objects if o.color == color]
-            kind = "yes" if present else ("other shape" if held else "absent color")
-            answers[kind] = qa.answer
-            assert qa.answer.startswith(f"The {color} object is" if held else f"There is no {color} object")
-    assert set(answers) == {"yes", "other shape", "absent color"}
-    assert answers["other shape"] in {
-        "The red object is a circle, so no.",
-        "The blue object is a square, so no.",
-        "The orange object is a circle, so no.",
-    }
-
-
-def test_conversations_ask_the_scene_questions_in_random_order():
-    openings = set()
-    for seed in range(30):
-        conv = finetune_records(SCENE, "train/t-0.png", CFG, random.Random(seed))[0]
-        questions = [t["value"].removeprefix("<image>\n") for t in conv["conversations"][::2]]
-        # 1 color, 3 shape, 3 position, count and existence questions: the first 6 of them.
-        assert len(questions) == CFG.conversation_turns == 6 and len(set(questions)) == 6
-        openings.add(questions[0].split(" ")[0])
-    assert openings == {"What", "How", "Is", "Where"}
+        qa = all_qas(SCENE, CFG, random.Random(seed))["exist"][0]
+        color, shape = qa.question.removeprefix("Is there ").rstrip("?").split(" ")[-2:]
+        present = (color, shape) in {(o.color, o.shape) for o in SCENE.objects}
+        assert qa.key == ("yes" if present else "no")
+        assert qa.answer.lower().startswith(qa.key)
+        answers[qa.key] = qa.answer
+    assert set(answers) == {"yes", "no"}
+    assert answers["no"].startswith("No, there is no ")
 
 
 def test_single_object_scene_counts_and_articles():
@@ -139,7 +119,7 @@ def test_records_are_llava_format():
     assert rec["conversations"][0]["value"].startswith("<image>\n")
     assert rec["conversations"][1] == {"from": "gpt", "value": caption(SCENE)}
     kinds = set()
-    for seed in range(40):
+    for seed in range(20):
         for r in finetune_records(SCENE, "train/t-0.png", CFG, random.Random(seed)):
             kinds.add(r["id"].split("-")[0])
             turns = r["conversations"]

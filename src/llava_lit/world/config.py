@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-WORLD_FORMAT_VERSION = 5
+WORLD_FORMAT_VERSION = 4
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
 
 
@@ -89,25 +89,14 @@ class WorldConfig:
     text_only_fraction: float = 0.05
     """Share of stage-2 records that are text-only (no image), as in LLaVA's mixed instruction data."""
 
-    detail_fraction: float = 0.2
+    detail_fraction: float = 0.3
     """Probability that a training scene also gets a detailed-description record in stage 2."""
 
     complex_fraction: float = 0.6
     """Probability that a training scene also gets a complex-reasoning record in stage 2."""
 
-    complex_turns: int = 2
-    """Questions in each complex-reasoning record (fewer if the scene offers fewer)."""
-
-    conversation_turns: int = 6
-    """Turns of each stage-2 conversation record: the scene's conversation questions in random order, up to this many."""
-
-    lm_chat_turns: int = 4
-    """Turns of each chat in the tiny LLaMA's pretraining text (the scene's questions of every type, shuffled).
-
-    Kept short: later turns can often be answered from earlier ones ("Where is the red circle?" gives away
-    "What color is the circle?"), and an LLM pretrained on 8-turn chats scored 68.4 % after stage 2 against
-    83.6-88.3 % for one pretrained on 4-turn chats (docs/benchmarks.md).
-    """
+    conversation_turns: int = 4
+    """Question/answer turns in each stage-2 conversation record (fewer if the scene offers fewer questions)."""
 
     samples_per_shard: int = 2000
     """Samples per WebDataset shard written by the converter."""
@@ -142,13 +131,8 @@ class WorldConfig:
     llm_layers: int = 4
     """Decoder layers of the tiny LLaMA."""
 
-    llm_heads: int = 2
-    """Attention heads (and key/value heads) of the tiny LLaMA: 2 of 64 dims.
-
-    Finding an object by its shape among the 49 image tokens needs wide heads: with 4 heads of 32 dims the
-    finetuned model answered "What color is the circle?" at 57 % and "Where is the red circle?" at 83 %, with
-    2 heads of 64 at 99 % and 100 % (docs/benchmarks.md).
-    """
+    llm_heads: int = 4
+    """Attention heads (and key/value heads) of the tiny LLaMA."""
 
     llm_max_positions: int = 512
     """Context length of the tiny LLaMA (image tokens + text must fit in it)."""

@@ -152,51 +152,32 @@ def conversation_qas(scene: Scene, cfg: WorldConfig, rng: random.Random) -> dict
     n = len(scene.objects)
     counts = tuple(str(i) for i in range(1, cfg.max_objects + 1))
     out["count"].append(QA("count", "How many shapes are there?", count_sentence(n), str(n), counts))
-    out["exist"] += exist_qas(scene, cfg, rng)
+    out["exist"].append(exist_qa(scene, cfg, rng))
     return out
 
 
-def exist_qas(scene: Scene, cfg: WorldConfig, rng: random.Random, n: int = 1) -> list[QA]:
-    """'Is there a {color} {shape}?' about `n` different colors, each yes or no with equal odds.
-
-    The answer first says what the image holds in that color, then yes or no ("The red object is a circle, so
-    no."): the verdict follows from the lookup that "What shape is the red object?" also trains. Most no's
-    name a color the scene has with another shape, so that repeating the question's shape ("The red object is
-    a square, so yes.") is wrong as often as it is right; the rest name a color the scene lacks.
-    """
-    present = {o.color: o.shape for o in scene.objects}  # colors are distinct within a scene
-    asked: set[str] = set()
-    out = []
-    for _ in range(n):
-        if rng.random() < 0.5:
-            options = [(c, s) for c, s in sorted(present.items()) if c not in asked]
-        elif rng.random() < 0.6:
-            options = [
-                (c, s) for c in sorted(present) for s in cfg.shapes if s != present[c] and c not in asked
-            ]
-        else:
-            options = [
-                (c, s) for c in sorted(cfg.palette) for s in cfg.shapes if c not in present and c not in asked
-            ]
-        if not options:
-            continue
-        color, shape = rng.choice(options)
-        asked.add(color)
-        key = "yes" if present.get(color) == shape else "no"
-        if color in present:
-            fact = f"The {color} object is {article(present[color])} {present[color]}"
-        else:
-            fact = f"There is no {color} object"
-        out.append(
-            QA(
-                "exist",
-                f"Is there {article(color)} {color} {shape}?",
-                f"{fact}, so {key}.",
-                key,
-                ("yes", "no"),
-            )
+def exist_qa(scene: Scene, cfg: WorldConfig, rng: random.Random) -> QA:
+    """'Is there a {color} {shape}?': yes or no with equal odds; half the no's share a color or shape with an object."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+        return QA(
+            "exist",
+            f"Is there {article(color)} {color} {shape}?",
+            f"Yes, there is {article(color)} {color} {shape}.",
+            "yes",
+            ("yes", "no"),
         )
-    return out
+    absent = [(c, s) for c in sorted(cfg.palette) for s in cfg.shapes if (c, s) not in present]
+    near = [(c, s) for c, s in absent if any(c == o.color or s == o.shape for o in scene.objects)]
+    color, shape = rng.choice(near if near and rng.random() < 0.5 else absent)
+    return QA(
+        "exist",
+        f"Is there {article(color)} {color} {shape}?",
+        f"No, there is no {color} {shape}.",
+        "no",
+        ("yes", "no"),
+    )
 
 
 def reasoning_qas(scene: Scene, cfg: WorldConfig) -> dict[str, list[QA]]:
@@ -269,13 +250,11 @@ def align_record(scene: Scene, image: str, rng: random.Random) -> dict:
 def finetune_records(scene: Scene, image: str, cfg: WorldConfig, rng: random.Random) -> list[dict]:
     """Stage-2 LLaVA records of one scene: a conversation, maybe a detailed description and a reasoning turn."""
     prefix = f"{IMAGE_TOKEN}\n"
-    # Every conversation question the scene supports, shuffled: each turn is one more lookup in the same image
-    # tokens, which is what the tiny LLaMA has to learn (one question per type scored 75.3 %, all of them
-    # 82.7 %, docs/benchmarks.md).
-    asked = [qa for qas in conversation_qas(scene, cfg, rng).values() for qa in qas]
-    rng.shuffle(asked)
-    turns = _turns(asked[: cfg.conversation_turns], prefix)
-    records = [{"id": f"conv-{scene.scene_id}", "image": image, "conversations": turns}]
+    conv = conversation_qas(scene, cfg, rng)
+    types = [t for t in CONVERSATION_TYPES if conv[t]]
+    rng.shuffle(types)
+    picked = [rng.choice(conv[t]) for t in types[: cfg.conversation_turns]]
+    records = [{"id": f"conv-{scene.scene_id}", "image": image, "conversations": _turns(picked, prefix)}]
     if rng.random() < cfg.detail_fraction:
         detail = [
             {"from": "human", "value": prefix + rng.choice(DETAIL_PROMPTS)},
@@ -284,9 +263,7 @@ def finetune_records(scene: Scene, image: str, cfg: WorldConfig, rng: random.Ran
         records.append({"id": f"detail-{scene.scene_id}", "image": image, "conversations": detail})
     reasoning = [qa for qas in reasoning_qas(scene, cfg).values() for qa in qas]
     if reasoning and rng.random() < cfg.complex_fraction:
-        picked = rng.sample(
-            reasoning, k=min(cfg.complex_turns, len(reasoning))
-        )  # two never give each other away
+        picked = rng.sample(reasoning, k=min(2, len(reasoning)))
         records.append(
             {"id": f"complex-{scene.scene_id}", "image": image, "conversations": _turns(picked, prefix)}
         )
@@ -386,7 +363,7 @@ def lm_documents(scenes: list[Scene], cfg: WorldConfig, rng: random.Random, eos:
         docs.append(detailed_description(scene) + eos)
         qas = [qa for group in all_qas(scene, cfg, rng).values() for qa in group]
         rng.shuffle(qas)
-        turns = [f"USER: {qa.question} ASSISTANT: {qa.answer}{eos}" for qa in qas[: cfg.lm_chat_turns]]
+        turns = [f"USER: {qa.question} ASSISTANT: {qa.answer}{eos}" for qa in qas[: cfg.conversation_turns]]
         docs.append(f"{VICUNA_SYSTEM} " + "".join(turns))
     for q, a in text_only_qas(cfg, rng):
         docs.append(f"{VICUNA_SYSTEM} USER: {q} ASSISTANT: {a}{eos}")
