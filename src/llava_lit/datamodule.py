@@ -9,9 +9,10 @@ one shard (fewer shards than workers is fine), and the epoch length is known in 
 
 Inside a worker, raw samples pass a seeded shuffle buffer, then are decoded explicitly (JSON, PIL), encoded
 (`tokenization.encode_conversation`) and batched (`collate.collate`). With `group_by_length`, the samples of
-each optimizer step (its accumulated micro-batches) are sorted by length before they are cut into micro-batches:
-the step sees the same samples, padded less. A sample that must be skipped (no buildable mask, undecodable image) is counted per reason and logged; to keep batch counts equal the worker
-then repeats one of its earlier samples at the end of its share (counted as `repeated_to_fill`).
+each optimizer step (its accumulated micro-batches) are sorted by length before they are cut into
+micro-batches: the step sees the same samples, padded less. A sample that must be skipped (no buildable mask,
+undecodable image) is counted per reason and logged; to keep batch counts equal the worker then repeats one of
+its earlier samples at the end of its share (counted as `repeated_to_fill`).
 """
 
 from __future__ import annotations
