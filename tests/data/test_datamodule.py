@@ -96,14 +96,18 @@ def test_group_by_length_sorts_each_step_and_keeps_its_samples(shards, llama_tok
     # Micro-batches of 4, 3 per optimizer step: each step's 12 samples are the ones it gets without
     # grouping, cut into micro-batches by length.
     plain = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0, accumulate_grad_batches=3)
-    grouped = make_dm(
-        shards,
-        llama_tokenizer,
-        clip_processor_56,
-        num_workers=0,
-        accumulate_grad_batches=3,
-        group_by_length=True,
-    )
+
+    def grouped_dm():
+        return make_dm(
+            shards,
+            llama_tokenizer,
+            clip_processor_56,
+            num_workers=0,
+            accumulate_grad_batches=3,
+            group_by_length=True,
+        )
+
+    grouped = grouped_dm()
     plain.setup("fit")
     grouped.setup("fit")
     ungrouped_batches, batches = run_epoch(plain), run_epoch(grouped)
@@ -116,14 +120,7 @@ def test_group_by_length_sorts_each_step_and_keeps_its_samples(shards, llama_tok
     padded = sum(b["attention_mask"].numel() for b in batches)
     assert padded < sum(b["attention_mask"].numel() for b in ungrouped_batches)
     # Resuming after batch 4 (inside the second step) rebuilds that step and yields its remaining batches.
-    resumed = make_dm(
-        shards,
-        llama_tokenizer,
-        clip_processor_56,
-        num_workers=0,
-        accumulate_grad_batches=3,
-        group_by_length=True,
-    )
+    resumed = grouped_dm()
     resumed.setup("fit")
     loader = resumed.train_dataloader()
     loader.resume_fn = lambda: 4
