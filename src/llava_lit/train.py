@@ -56,6 +56,11 @@ def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world: 
     return global_batch_size // per_step
 
 
+def run_accumulation(cfg: DictConfig) -> int:
+    """The run's micro-batches per optimizer step: what the Trainer accumulates and the data groups by length."""
+    return gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
+
+
 def check_wandb(cfg: DictConfig) -> None:
     """Fail at once, with instructions, when W&B would need an account that is not configured."""
     uses_wandb = any("WandbLogger" in str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values())
@@ -135,9 +140,7 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         tokenizer=tokenizer,
         image_processor=tower.image_processor,
         num_image_tokens=tower.num_image_tokens,
-        accumulate_grad_batches=gradient_accumulation(
-            cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer)
-        ),
+        accumulate_grad_batches=run_accumulation(cfg),
     )
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
     module = LlavaLitModule(
@@ -158,8 +161,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks: list[L.Callback] = [StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower)]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    accumulate = gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, accumulate_grad_batches=accumulate)
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, accumulate_grad_batches=run_accumulation(cfg)
+    )
 
 
 def set_cpu_threads(cfg: DictConfig) -> int:
