@@ -22,7 +22,7 @@ import math
 import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,7 +340,7 @@ class ShardStream(IterableDataset):
         """Cut one group of samples into batches, sorted by length first when groups span several batches."""
         if self.length_group > 1:
             group = sorted(group, key=lambda sample: len(sample["input_ids"]))
-        return [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        return list(_chunks(group, self.batch_size))
 
     def _count_skip(self, reason: str, raw: dict[str, Any], err: Exception, logged: dict[str, int]) -> None:
         self.counter.add(reason)
@@ -563,7 +563,7 @@ class LlavaDataModule(L.LightningDataModule):
         return self._loader(stream, lambda: 0)
 
 
-def _chunks(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     """Consecutive lists of `size` items; the last may be shorter."""
     chunk: list[dict[str, Any]] = []
     for item in items:
