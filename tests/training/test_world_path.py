@@ -41,6 +41,12 @@ def test_default_path_learns_on_the_default_world(trained_world):
     # Shape needs the tower's patch tokens to encode it (the region-phrase loss) and a lookup by color.
     assert table["shape"]["llava"] >= 60, table
     assert Path(report["loss_curves"]).is_file()
+    # The same answers split by scene size: every question type over 1-3 objects (closest needs 2).
+    by_objects = report["by_object_count"]
+    assert list(by_objects) == list(table)[1:], by_objects  # the types, without the overall row
+    assert set(by_objects["count"]) == {"1 object", "2 objects", "3 objects"}, by_objects
+    assert by_objects["closest"]["1 object"] is None, by_objects
+    assert all(v is None or 0 <= v <= 100 for row in by_objects.values() for v in row.values())
 
 
 @pytest.mark.slow

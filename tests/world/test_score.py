@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_lit.world.score import format_table, is_correct, score_answers
+from llava_lit.world.score import accuracy_by_object_count, format_table, is_correct, score_answers
 
 COLORS = ["blue", "green", "orange", "purple", "red", "yellow"]
 
@@ -95,3 +95,35 @@ def test_score_answers_reads_the_gold_file(tmp_path):
     path = tmp_path / "answers_gt.jsonl"
     path.write_text('{"question_id": 7, "category": "exist", "key": "no", "candidates": ["yes", "no"]}\n\n')
     assert score_answers([{"question_id": "7", "text": "No."}], path)["overall"]["accuracy"] == 1.0
+
+
+def test_accuracy_by_object_count_splits_each_type_by_scene_size():
+    positions = ["bottom", "center", "left", "right", "top"]
+    scenes = [
+        {"scene_id": "one", "objects": [{}]},
+        {"scene_id": "three", "objects": [{}, {}, {}]},
+    ]
+    truth = [
+        {**gold("position", "left", positions, 0), "scene_id": "one"},
+        {**gold("position", "left", positions, 1), "scene_id": "three"},
+        {**gold("position", "top", positions, 2), "scene_id": "three"},
+        {**gold("count", "3", ["1", "2", "3"], 3), "scene_id": "three"},
+    ]
+    answers = [  # question 3 unanswered: wrong, not dropped
+        {"question_id": 0, "text": "The red circle is on the left."},
+        {"question_id": 1, "text": "The blue square is on the left."},
+        {"question_id": 2, "text": "The green circle is on the left."},
+    ]
+    split = accuracy_by_object_count(answers, truth, scenes)
+    assert list(split) == ["count", "position"]  # the question types' own order
+    assert split["position"] == {
+        1: {"correct": 1, "total": 1, "accuracy": 1.0},
+        3: {"correct": 1, "total": 2, "accuracy": 0.5},
+    }
+    assert split["count"] == {3: {"correct": 0, "total": 1, "accuracy": 0.0}}
+
+
+def test_accuracy_by_object_count_names_a_question_without_its_scene():
+    truth = [{**gold("count", "1", ["1", "2", "3"], 5), "scene_id": "lost"}]
+    with pytest.raises(ValueError, match="question 5: scene 'lost'"):
+        accuracy_by_object_count([], truth, [{"scene_id": "other", "objects": [{}]}])

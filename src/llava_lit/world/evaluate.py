@@ -36,6 +36,7 @@ from llava_lit.eval.world import WorldBenchmark
 from llava_lit.world.build import load_world_info
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import blank_image
+from llava_lit.world.score import accuracy_by_object_count, load_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,23 @@ def comparison_table(results: dict[str, Metrics]) -> Metrics:
         table[row]["chance"] = first[row]["chance"]
         table[row]["n"] = first[row]["n"]
     return table
+
+
+def object_count_table(answers_file: Path, benchmark: WorldBenchmark, world_dir: Path) -> Metrics:
+    """Accuracy (%) of one run's answers per question type and number of objects in the scene."""
+    asked = {q.question_id for q in benchmark.questions()}  # honours `limit`
+    gold = [g for g in load_jsonl(benchmark.answers_gt) if str(g["question_id"]) in asked]
+    split = accuracy_by_object_count(load_jsonl(answers_file), gold, world_dir / "scenes" / "eval.jsonl")
+    counts = sorted({n for cells in split.values() for n in cells})
+    return {
+        qtype: {
+            f"{n} object{'s' if n > 1 else ''}": (
+                round(cells[n]["accuracy"] * 100, 2) if n in cells else None
+            )
+            for n in counts
+        }
+        for qtype, cells in split.items()
+    }
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -165,12 +183,20 @@ def run(overrides: list[str]) -> dict[str, Any]:
         stages["finetune, no stage 1"] = f"../{cfg.run_name}_no_stage1/finetune"
 
     table = comparison_table(results)
+    by_objects = object_count_table(out / "llava" / "answers.jsonl", benchmark, world_dir)
     curves = loss_curves(run_dir, stages, out / "loss_curves.png")
-    report = {"table": table, "runs": results, "checkpoint": str(checkpoint), "loss_curves": str(curves)}
+    report = {
+        "table": table,
+        "by_object_count": by_objects,
+        "runs": results,
+        "checkpoint": str(checkpoint),
+        "loss_curves": str(curves),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     from llava_lit.eval.report import print_table
 
     print_table(f"Miniature world, held-out accuracy (%) — {out / 'report.json'}", table)
+    print_table("llava by objects in the scene (%)", by_objects)
     return report
 
 

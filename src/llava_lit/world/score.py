@@ -102,6 +102,38 @@ def score_answers(answers: list[dict], ground_truth: list[dict] | str | Path) ->
     }
 
 
+def accuracy_by_object_count(
+    answers: list[dict], ground_truth: list[dict] | str | Path, scenes: list[dict] | str | Path
+) -> dict[str, dict[int, dict]]:
+    """Accuracy per question type, split by how many objects the question's scene holds.
+
+    Tells a model that looks objects up from one that reads the image as a whole: on a one-object scene "Where
+    is the red circle?" needs no look-up (any object is the one), so a model that has not learned the look-up
+    is right there and near 1/n on n-object scenes. `scenes`: the rows of `scenes/eval.jsonl`, or its path.
+    Returns `{type: {n_objects: {"correct", "total", "accuracy"}}}`; unanswered questions count as wrong.
+    """
+    gold_rows = load_jsonl(ground_truth) if isinstance(ground_truth, (str, Path)) else ground_truth
+    scene_rows = load_jsonl(scenes) if isinstance(scenes, (str, Path)) else scenes
+    n_objects = {s["scene_id"]: len(s["objects"]) for s in scene_rows}
+    by_id = {str(a["question_id"]): a["text"] for a in answers}
+    stats: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for g in gold_rows:
+        if g["scene_id"] not in n_objects:
+            raise ValueError(f"question {g['question_id']}: scene {g['scene_id']!r} is not in the scene file")
+        answer = by_id.get(str(g["question_id"]))
+        cell = stats[g["category"]][n_objects[g["scene_id"]]]
+        cell[0] += answer is not None and is_correct(g, answer)
+        cell[1] += 1
+    order = [t for t in QUESTION_TYPES if t in stats] + sorted(set(stats) - set(QUESTION_TYPES))
+    return {
+        t: {
+            n: {"correct": c, "total": total, "accuracy": c / total}
+            for n, (c, total) in sorted(stats[t].items())
+        }
+        for t in order
+    }
+
+
 def format_table(runs: dict[str, dict]) -> str:
     """Markdown table of accuracy per question type for several scored runs (column per run) plus chance."""
     names = list(runs)
