@@ -13,7 +13,9 @@ question type beside chance:
   answers come from the image, not from the question's wording);
 - `no stage 1`: a model finetuned the same way from a fresh projector (shows what alignment buys); trained
   here unless `evaluate.no_align=false`.
-It also plots the training loss of each stage. Everything lands in `outputs/<run_name>/world_eval/`.
+A second table splits the `llava` answers by the number of objects in the scene: a type right on one-object
+scenes and near 1/n on n-object ones is answered without finding the object the question names. It also plots
+the training loss of each stage. Everything lands in `outputs/<run_name>/world_eval/`.
 """
 
 from __future__ import annotations
