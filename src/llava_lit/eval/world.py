@@ -52,6 +52,10 @@ class WorldBenchmark:
         """The held-out questions as the world wrote them."""
         return self._questions
 
+    def gold(self) -> list[dict]:
+        """The `answers_gt.jsonl` rows of `questions()`, in file order."""
+        return self._gold
+
     def reference(self, question_id: str) -> str:
         """The world's reference answer sentence."""
         return str(next(g["answer"] for g in self._gold if str(g["question_id"]) == question_id))

@@ -96,9 +96,9 @@ def comparison_table(results: dict[str, Metrics]) -> Metrics:
 
 def object_count_table(answers_file: Path, benchmark: WorldBenchmark, world_dir: Path) -> Metrics:
     """Accuracy (%) of one run's answers per question type and number of objects in the scene."""
-    asked = {q.question_id for q in benchmark.questions()}  # honours `limit`
-    gold = [g for g in load_jsonl(benchmark.answers_gt) if str(g["question_id"]) in asked]
-    split = accuracy_by_object_count(load_jsonl(answers_file), gold, world_dir / "scenes" / "eval.jsonl")
+    split = accuracy_by_object_count(
+        load_jsonl(answers_file), benchmark.gold(), world_dir / "scenes" / "eval.jsonl"
+    )
     counts = sorted({n for cells in split.values() for n in cells})
     return {
         qtype: {

@@ -24,6 +24,16 @@ def load_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _rows(source: list[dict] | str | Path) -> list[dict]:
+    # The functions below take either rows already read or the JSON-lines file holding them.
+    return load_jsonl(source) if isinstance(source, (str, Path)) else source
+
+
+def _report_order(types: set[str]) -> list[str]:
+    # The world's question types in their report order, then any others alphabetically.
+    return [t for t in QUESTION_TYPES if t in types] + sorted(types - set(QUESTION_TYPES))
+
+
 def _normalize(text: str) -> str:
     words = re.findall(r"[a-z0-9]+", text.lower())
     return " " + " ".join(SYNONYMS.get(w, w) for w in words) + " "
@@ -70,7 +80,7 @@ def score_answers(answers: list[dict], ground_truth: list[dict] | str | Path) ->
     Returns `{"overall": {...}, "per_type": {type: {...}}, "missing": int, "unknown_ids": int}` where each
     `{...}` holds `correct`, `total`, `accuracy` and `chance` (accuracy of a uniform guess among the candidates).
     """
-    gold_rows = load_jsonl(ground_truth) if isinstance(ground_truth, (str, Path)) else ground_truth
+    gold_rows = _rows(ground_truth)
     by_id = {str(a["question_id"]): a["text"] for a in answers}
     gold_ids = {str(g["question_id"]) for g in gold_rows}
     stats: dict[str, dict[str, float]] = defaultdict(lambda: {"correct": 0, "total": 0, "chance_sum": 0.0})
@@ -93,7 +103,7 @@ def score_answers(answers: list[dict], ground_truth: list[dict] | str | Path) ->
             "chance": s["chance_sum"] / n if n else 0.0,
         }
 
-    order = [t for t in QUESTION_TYPES if t in stats] + sorted(set(stats) - set(QUESTION_TYPES) - {"overall"})
+    order = _report_order(set(stats) - {"overall"})
     return {
         "overall": summary(stats["overall"]),
         "per_type": {t: summary(stats[t]) for t in order},
@@ -112,9 +122,8 @@ def accuracy_by_object_count(
     is right there and near 1/n on n-object scenes. `scenes`: the rows of `scenes/eval.jsonl`, or its path.
     Returns `{type: {n_objects: {"correct", "total", "accuracy"}}}`; unanswered questions count as wrong.
     """
-    gold_rows = load_jsonl(ground_truth) if isinstance(ground_truth, (str, Path)) else ground_truth
-    scene_rows = load_jsonl(scenes) if isinstance(scenes, (str, Path)) else scenes
-    n_objects = {s["scene_id"]: len(s["objects"]) for s in scene_rows}
+    gold_rows = _rows(ground_truth)
+    n_objects = {s["scene_id"]: len(s["objects"]) for s in _rows(scenes)}
     by_id = {str(a["question_id"]): a["text"] for a in answers}
     stats: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for g in gold_rows:
@@ -124,13 +133,12 @@ def accuracy_by_object_count(
         cell = stats[g["category"]][n_objects[g["scene_id"]]]
         cell[0] += answer is not None and is_correct(g, answer)
         cell[1] += 1
-    order = [t for t in QUESTION_TYPES if t in stats] + sorted(set(stats) - set(QUESTION_TYPES))
     return {
         t: {
             n: {"correct": c, "total": total, "accuracy": c / total}
             for n, (c, total) in sorted(stats[t].items())
         }
-        for t in order
+        for t in _report_order(set(stats))
     }
 
 
