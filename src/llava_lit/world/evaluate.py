@@ -129,7 +129,6 @@ def run(overrides: list[str]) -> dict[str, Any]:
     `evaluate.*` settings (`batch_size`, `max_new_tokens`, `limit`, `no_align`).
     """
     cfg = compose_train(overrides)
-    """Evaluate the finetuned world model and its ablations; returns and writes the report."""
     settings = cfg.get("evaluate") or {}
     world_dir = Path(cfg.paths.world_dir)
     info = load_world_info(world_dir)
