@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.records import ASSISTANT_ROLES, HUMAN_ROLES
@@ -222,8 +222,12 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (PLAIN, VICUNA_V1, LLAM
 """The templates by config name."""
 
 
-def get_template(name: str) -> ChatTemplate:
-    """The template called `name` (`plain`, `vicuna_v1`, `llama_2`, `chatml`)."""
+def get_template(name: str, system: str | None = None) -> ChatTemplate:
+    """The template called `name` (`plain`, `vicuna_v1`, `llama_2`, `chatml`).
+
+    `system` replaces its system prompt (`""` for none); None keeps the template's own.
+    """
     if name not in TEMPLATES:
         raise KeyError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+    template = TEMPLATES[name]
+    return template if system is None or system == template.system else replace(template, system=system)

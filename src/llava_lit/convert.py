@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from llava_lit.conversation import get_template
 from llava_lit.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from llava_lit.records import InvalidRecord, Record, parse_record
 from llava_lit.shards import MANIFEST_NAME, Manifest, ShardWriter, TokenLengthStats, write_manifest
@@ -78,6 +79,7 @@ def convert(
     samples_per_shard: int = 1000,
     tokenizer: PreTrainedTokenizerBase | None = None,
     template: str = "vicuna_v1",
+    system_prompt: str | None = None,
     num_image_tokens: int = 576,
     max_length: int = 2048,
     source: str | None = None,
@@ -87,14 +89,16 @@ def convert(
 ) -> Manifest:
     """Convert one LLaVA JSON + image folder into `out_dir/shard-*.tar` + `out_dir/manifest.json`.
 
-    With a tokenizer, the manifest also holds token-length statistics for `template` (image markers expanded
-    to `num_image_tokens`) and how many samples that template would skip. Existing shards in `out_dir` are
+    With a tokenizer, the manifest also holds token-length statistics for `template` (with `system_prompt` in
+    place of its own, when given; image markers expanded to `num_image_tokens`) and how many samples that
+    template would skip. Existing shards in `out_dir` are
     replaced. Returns the manifest.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("shard-*.tar"), out / MANIFEST_NAME]:
         stale.unlink(missing_ok=True)
+    chat_template = get_template(template, system=system_prompt)
     raw_records = load_records(json_path)
     source = source or Path(json_path).stem
     folder = Path(image_folder)
@@ -141,7 +145,7 @@ def convert(
                     encoded = encode_conversation(
                         record.conversations,
                         tokenizer=tokenizer,
-                        template=template,
+                        template=chat_template,
                         num_image_tokens=num_image_tokens,
                         max_length=max_length,
                         num_images=len(record.images),
@@ -186,6 +190,9 @@ class ConvertArgs:
         default=None, metadata={"help": "tokenizer (hub id or folder) for length stats"}
     )
     template: str = field(default="vicuna_v1", metadata={"help": "chat template for length stats"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system prompt replacing the template's for length stats"}
+    )
     num_image_tokens: int = field(default=576, metadata={"help": "tokens per image for length stats"})
     max_length: int = field(default=2048, metadata={"help": "model max length for length stats"})
     source: str | None = field(default=None, metadata={"help": "source name (default: JSON file stem)"})
@@ -228,6 +235,7 @@ def main(argv: list[str] | None = None) -> Manifest:
         samples_per_shard=args.shard_size,
         tokenizer=tokenizer,
         template=args.template,
+        system_prompt=args.system_prompt,
         num_image_tokens=args.num_image_tokens,
         max_length=args.max_length,
         source=args.source,

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from llava_lit.collate import collate
+from llava_lit.conversation import ChatTemplate, get_template
 from llava_lit.images import DEFAULT_MAX_PIXELS, IMAGE_SKIP_REASONS, ImageDecodeError, ImageLoader
 from llava_lit.shards import iter_raw_samples, parse_sample, read_manifest
 from llava_lit.tokenization import SKIP_REASONS, SkipSample, encode_conversation
@@ -149,7 +150,7 @@ class SampleEncoder:
 
     tokenizer: PreTrainedTokenizerBase
     image_loader: ImageLoader
-    template: str
+    template: ChatTemplate
     num_image_tokens: int
     max_length: int
 
@@ -380,6 +381,7 @@ class LlavaDataModule(L.LightningDataModule):
         image_processor: Any,
         num_image_tokens: int,
         template: str = "vicuna_v1",
+        system_prompt: str | None = None,
         max_length: int = 2048,
         image_aspect: str = "pad",
         micro_batch_size: int = 16,
@@ -399,6 +401,7 @@ class LlavaDataModule(L.LightningDataModule):
         sources: shard folders to train on, each `{"path": folder, "weight": 1.0}` (or one folder as a string).
         tokenizer / image_processor / num_image_tokens: injected by the training entry point.
         template: chat template name (`plain` for stage 1, `vicuna_v1` for stage 2).
+        system_prompt: replaces the template's system prompt (`""` for none); None keeps the template's.
         max_length: longest sample in tokens, image runs expanded; longer samples are truncated or skipped.
         image_aspect: `pad`, `crop` or `resize` (see `images.ImageLoader`).
         micro_batch_size: samples per batch per rank.
@@ -424,6 +427,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.source_specs = _as_specs(sources)
         self.val_specs = _as_specs(val_sources) if val_sources else []
         self.template = template
+        self.system_prompt = system_prompt
         self.max_length = max_length
         self.image_aspect = image_aspect
         self.micro_batch_size = micro_batch_size
@@ -488,7 +492,7 @@ class LlavaDataModule(L.LightningDataModule):
             image_loader=ImageLoader(
                 self.image_processor, aspect=self.image_aspect, max_pixels=self.max_pixels
             ),
-            template=self.template,
+            template=get_template(self.template, system=self.system_prompt),
             num_image_tokens=self.num_image_tokens,
             max_length=self.max_length,
         )

@@ -80,6 +80,19 @@ def test_batches_follow_the_contract(shards, llama_tokenizer, clip_processor_56)
     assert text_only_seen
 
 
+def test_system_prompt_setting_reaches_the_samples(shards, llama_tokenizer, clip_processor_56):
+    """`data.system_prompt` replaces the template's in every sample; None keeps it."""
+    texts = {}
+    for system in (None, "", "Answer briefly."):
+        dm = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0, system_prompt=system)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        texts[system] = [llama_tokenizer.decode(row, skip_special_tokens=True) for row in batch["input_ids"]]
+    assert all(t.startswith("A chat between a curious user") for t in texts[None])
+    assert all(t.lstrip().startswith("USER:") for t in texts[""])
+    assert all(t.startswith("Answer briefly. USER:") for t in texts["Answer briefly."])
+
+
 def test_epochs_reshuffle_and_are_reproducible(shards, llama_tokenizer, clip_processor_56):
     dm = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0)
     dm.setup("fit")

@@ -210,3 +210,18 @@ def test_text_only_sample_has_no_image_tokens(llama_tokenizer):
     sample = encode(llama_tokenizer, conv, "vicuna_v1", num_images=0)
     assert image_token_id(llama_tokenizer) not in sample.input_ids.tolist()
     assert [llama_tokenizer.decode(s) for s in label_spans(sample.labels)] == ["4</s>"]
+
+
+def test_replaced_system_prompt_is_rendered_and_masked(llama_tokenizer):
+    """`data.system_prompt` replaces the template's: "" drops it, the answers keep exactly their labels."""
+    own = encode(llama_tokenizer, TWO_ROUNDS, "vicuna_v1")
+    template = get_template("vicuna_v1", system="")
+    assert template.render(TWO_ROUNDS[:2]).text.startswith("USER: <image>\nWhat is in this picture?")
+    bare = encode(llama_tokenizer, TWO_ROUNDS, template)
+    assert VICUNA_SYSTEM not in llama_tokenizer.decode(bare.input_ids)
+    assert len(bare.input_ids) < len(own.input_ids)
+    trained = bare.labels[bare.labels != IGNORE_INDEX]
+    assert torch.equal(trained, own.labels[own.labels != IGNORE_INDEX])
+    custom = get_template("vicuna_v1", system="Answer briefly.")
+    assert custom.render(TWO_ROUNDS[:2]).text.startswith("Answer briefly. USER: ")
+    assert get_template("vicuna_v1", system=None) is get_template("vicuna_v1")

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from llava_lit.conversation import TEMPLATES
+from llava_lit.conversation import TEMPLATES, get_template
 from llava_lit.interop.chat_template import to_jinja
+from llava_lit.interop.import_hf import _recorded_template
 
 CONVERSATIONS = [
     # string contents with the marker in the middle, extra spaces, three rounds, ends with an answer
@@ -85,3 +86,26 @@ def test_roles_must_alternate(llama_tokenizer) -> None:
         llama_tokenizer.apply_chat_template(
             messages, chat_template=to_jinja(TEMPLATES["vicuna_v1"]), tokenize=False
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "system"),
+    [("vicuna_v1", ""), ("vicuna_v1", 'Say "yes" \\ no.'), ("llama_2", "Be brief."), ("chatml", "")],
+)
+def test_replaced_system_prompt_renders_and_is_recognised(name: str, system: str, llama_tokenizer) -> None:
+    """A run trained with `data.system_prompt` exports a Jinja that renders it and that import reads back."""
+    template = get_template(name, system=system)
+    messages = CONVERSATIONS[1]
+    expected = template.render(_as_llava_turns(messages), add_generation_prompt=True).text
+    tokenizer = copy.copy(llama_tokenizer)
+    jinja = to_jinja(template)
+    rendered = tokenizer.apply_chat_template(
+        messages, chat_template=jinja, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == expected
+    tokenizer.chat_template = jinja
+    assert _recorded_template(tokenizer) == (name, system)
+    tokenizer.chat_template = to_jinja(TEMPLATES[name])
+    assert _recorded_template(tokenizer) == (name, None)  # the template's own prompt
+    tokenizer.chat_template = "{{ messages }}"
+    assert _recorded_template(tokenizer) == (None, None)  # not one of our exports

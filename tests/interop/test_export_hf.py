@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from llava_lit.conversation import get_template
 from llava_lit.images import ImageLoader
 from llava_lit.inference.generation import SamplingParams
-from llava_lit.inference.loading import bundle_from_model
+from llava_lit.inference.loading import bundle_from_model, load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.interop.pretrained import load_pretrained_llava
 
@@ -101,6 +102,20 @@ def test_round_trip_is_exact(exported: Path, tiny_llava, tmp_path: Path) -> None
         assert torch.equal(ours[key], back[key]), key
     assert tokenizer.convert_tokens_to_ids("<image>") == model.image_token_id == tiny_llava.image_token_id
     assert model.vision_tower.image_processor.crop_size == tiny_llava.vision_tower.image_processor.crop_size
+
+
+def test_system_prompt_survives_export_and_import(tiny_llava, llama_tokenizer, tmp_path: Path) -> None:
+    """A run trained without a system prompt (`data.system_prompt: ""`) is prompted without one after export."""
+    template = get_template("vicuna_v1", system="")
+    folder = export_hf_llava(
+        tiny_llava, llama_tokenizer, tmp_path / "hf", template=template, image_aspect="pad"
+    )
+    pretrained = load_pretrained_llava(str(folder), workdir=tmp_path / "work")
+    assert (pretrained.template, pretrained.system_prompt) == ("vicuna_v1", "")
+    bundle = load_for_inference(str(folder))
+    assert bundle.template == template
+    text = bundle.tokenizer.decode(bundle.prompt([{"from": "human", "value": "Hi"}]).input_ids)
+    assert "USER: Hi ASSISTANT:" in text and "chat between" not in text
 
 
 def test_bf16_export_verifies(make_tiny, llama_tokenizer, tmp_path: Path) -> None:

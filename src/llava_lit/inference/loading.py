@@ -64,7 +64,7 @@ class InferenceBundle:
     tokenizer: PreTrainedTokenizerBase
     """The training tokenizer (`<image>` and pad added)."""
     template: ChatTemplate
-    """The chat template of the training data (`data.template`)."""
+    """The chat template of the training data (`data.template`, with `data.system_prompt` if it set one)."""
     image_loader: ImageLoader
     """Bytes -> FloatTensor[3, H, W] with the training aspect mode and the vision tower's processor."""
     max_length: int | None
@@ -113,7 +113,7 @@ def bundle_from_model(
     return InferenceBundle(
         model=model,
         tokenizer=tokenizer,
-        template=get_template(data["template"]),
+        template=get_template(data["template"], system=data.get("system_prompt")),
         image_loader=ImageLoader(model.vision_tower.image_processor, aspect=data.get("image_aspect", "pad")),
         max_length=int(max_length) if max_length else None,
         model_id=model_id or default_id,
@@ -248,7 +248,7 @@ def _build_imported(
     run_config = {
         "run_name": Path(source).name or source,
         "model": pretrained.model_config,
-        "data": {"template": chosen, "image_aspect": aspect},
+        "data": {"template": chosen, "image_aspect": aspect, "system_prompt": pretrained.system_prompt},
         "imported": {"source": source, "kind": pretrained.kind},
     }
     log.info(

@@ -10,14 +10,16 @@ level is dropped because transformers 5's `CLIPVisionModel` is flat. This is the
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaConfig
 
-from llava_lit.conversation import TEMPLATES
+from llava_lit.conversation import TEMPLATES, get_template
 from llava_lit.interop.chat_template import to_jinja
 from llava_lit.interop.checkpoint_files import read_state_dict
 from llava_lit.interop.pretrained import BUILD_TARGET, PretrainedLlava, write_json
@@ -101,13 +103,25 @@ def _clip_processor(folder: Path) -> tuple[CLIPImageProcessor, str]:
     return processor, aspect
 
 
-def _template_name(tokenizer: Any) -> str | None:
-    """Our template whose Jinja equals the checkpoint's chat template (our exports), else None."""
+_JINJA_SYSTEM = re.compile(r'\{%- set ns = namespace\(system=("(?:[^"\\]|\\.)*"),')
+"""The default system prompt as `to_jinja` writes it: a JSON string literal in the template's first statement."""
+
+
+def _recorded_template(tokenizer: Any) -> tuple[str | None, str | None]:
+    """(name, system prompt) of our template whose Jinja equals the checkpoint's chat template (our exports).
+
+    The system prompt is read back from the Jinja so that a run trained with `data.system_prompt` is recognised
+    too; it is None when it is the template's own. (None, None) when no template of ours matches.
+    """
     jinja = getattr(tokenizer, "chat_template", None)
-    for name, template in TEMPLATES.items():
-        if jinja == to_jinja(template):
-            return name
-    return None
+    if not isinstance(jinja, str):
+        return None, None
+    match = _JINJA_SYSTEM.match(jinja)
+    system = json.loads(match.group(1)) if match else None
+    for name, own in TEMPLATES.items():
+        if jinja == to_jinja(get_template(name, system=system)):
+            return name, None if system in (None, own.system) else system
+    return None, None
 
 
 def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
@@ -134,6 +148,7 @@ def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if head not in state and config.text_config.tie_word_embeddings:
         state[head] = state[embed]  # tied: saved once
+    template, system_prompt = _recorded_template(tokenizer)
     return PretrainedLlava(
         model_config={
             "_target_": BUILD_TARGET,
@@ -154,7 +169,8 @@ def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
         pretrained_parts=(),
         kind="hf",
         source=source,
-        template=_template_name(tokenizer),
+        template=template,
+        system_prompt=system_prompt,
         image_aspect=aspect,
     )
 

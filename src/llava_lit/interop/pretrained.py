@@ -55,6 +55,8 @@ class PretrainedLlava:
     """What was asked for."""
     template: str | None = None
     """The chat template the source was trained with, when it says so (`data.template`)."""
+    system_prompt: str | None = None
+    """The system prompt that replaced the template's in training (`data.system_prompt`); None = the template's."""
     image_aspect: str | None = None
     """The source's image handling (`pad`/`crop`/`resize`), when it says so (`data.image_aspect`)."""
     notes: list[str] = field(default_factory=list)
@@ -191,6 +193,7 @@ def _from_training_checkpoint(path: Path, source: str) -> PretrainedLlava:
         kind="llava_lit",
         source=source,
         template=data.get("template"),
+        system_prompt=data.get("system_prompt"),
         image_aspect=data.get("image_aspect"),
     )
 
