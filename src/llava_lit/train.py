@@ -183,10 +183,28 @@ def set_cpu_threads(cfg: DictConfig) -> int:
     return int(threads)
 
 
+def warn_if_cpu_lacks_bf16(cfg: DictConfig) -> None:
+    """Warn when a CPU run asks for bf16 on a CPU without bf16 instructions (AMX or AVX512-BF16).
+
+    With them, `trainer.precision=bf16-mixed` (with eager attention) runs the world's stage 2 1.2x faster than
+    fp32; without them the bf16 matmuls are emulated and slower than fp32.
+    """
+    precision = str(cfg.trainer.get("precision", ""))
+    if cfg.trainer.get("accelerator") != "cpu" or not precision.startswith("bf16"):
+        return
+    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        log.warning(
+            "trainer.precision=%s on a CPU without AMX or AVX512-BF16: bf16 is emulated here, "
+            "trainer.precision=32-true is likely faster",
+            precision,
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one stage; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
     log.info("torch threads: %d", set_cpu_threads(cfg))
+    warn_if_cpu_lacks_bf16(cfg)
     check_wandb(cfg)
     if uses_world(cfg):
         from llava_lit.world.build import WorldConfig, ensure_world

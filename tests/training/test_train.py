@@ -8,9 +8,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from llava_lit.train import build_components, build_trainer, train
+from llava_lit.train import build_components, build_trainer, train, warn_if_cpu_lacks_bf16
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -155,3 +156,17 @@ def test_init_from_a_whole_checkpoint_starts_from_its_weights(compose_train):
         for k, v in after[part].items():
             torch.testing.assert_close(started[part][k], v, rtol=0, atol=0)
     assert cfg.model.projector == trained.run_config["model"]["projector"]
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(has_bf16, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    for precision, warned in (("bf16-mixed", not has_bf16), ("32-true", False)):
+        caplog.clear()
+        cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": precision}})
+        warn_if_cpu_lacks_bf16(cfg)
+        assert ("emulated" in caplog.text) == warned, (precision, caplog.text)
+    caplog.clear()
+    warn_if_cpu_lacks_bf16(OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}}))
+    assert not caplog.text
