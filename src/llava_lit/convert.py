@@ -91,8 +91,7 @@ def convert(
 
     With a tokenizer, the manifest also holds token-length statistics for `template` (with `system_prompt` in
     place of its own, when given; image markers expanded to `num_image_tokens`) and how many samples that
-    template would skip. Existing shards in `out_dir` are
-    replaced. Returns the manifest.
+    template would skip. Existing shards in `out_dir` are replaced. Returns the manifest.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

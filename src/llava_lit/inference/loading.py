@@ -13,8 +13,9 @@ by directory name is a known source of silent errors). Two training checkpoint f
 Models from elsewhere go through `interop.pretrained.load_pretrained_llava`, which rebuilds them from what their
 `config.json` records: a transformers LLaVA folder (what `python -m llava_lit.export` writes, or `llava-hf/*`), an
 official LLaVA checkpoint folder, or a hub id of either. Such a folder records its image handling, and our exports
-record their chat template (the Jinja equals one of ours); official and llava-hf folders do not, so the template
-then comes from the caller (`template=`), defaulting to `vicuna_v1`, LLaVA-1.5's, with a log line saying so.
+record their chat template (the Jinja equals one of ours, with any replaced system prompt read back); official
+and llava-hf folders do not, so the template then comes from the caller (`template=`), defaulting to
+`vicuna_v1`, LLaVA-1.5's, with a log line saying so.
 
 With `load_in_4bit`/`load_in_8bit` the language model's linear layers are quantized by bitsandbytes; the vision
 tower and the projector stay in full precision (quantizing the projector is what breaks the official 4-bit
