@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from llava_lit.conversation import TEMPLATES, get_template
-from llava_lit.interop.chat_template import to_jinja
+from llava_lit.interop.chat_template import system_prompt_of, to_jinja
 from llava_lit.interop.import_hf import _recorded_template
 
 CONVERSATIONS = [
@@ -103,6 +103,8 @@ def test_replaced_system_prompt_renders_and_is_recognised(name: str, system: str
         messages, chat_template=jinja, tokenize=False, add_generation_prompt=True
     )
     assert rendered == expected
+    assert system_prompt_of(jinja) == system
+    assert system_prompt_of("{{ messages }}") is None
     tokenizer.chat_template = jinja
     assert _recorded_template(tokenizer) == (name, system)
     tokenizer.chat_template = to_jinja(TEMPLATES[name])

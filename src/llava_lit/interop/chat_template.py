@@ -11,9 +11,14 @@ as in training.
 from __future__ import annotations
 
 import json
+import re
 
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.conversation import ChatTemplate
+
+_SYSTEM_PREFIX = "{%- set ns = namespace(system="
+"""How `to_jinja` opens every template: the default system prompt follows as a JSON string literal."""
+_SYSTEM_LITERAL = re.compile(re.escape(_SYSTEM_PREFIX) + r'("(?:[^"\\]|\\.)*"),')
 
 
 def _lit(text: str) -> str:
@@ -32,9 +37,7 @@ def to_jinja(template: ChatTemplate) -> str:
     # join the non-empty ones with a space (what `place_image_markers`' regex substitution produces).
     return "".join(
         [
-            "{%- set ns = namespace(system="
-            + _lit(template.system)
-            + ", started=false, prompted=false, n=0) -%}",
+            _SYSTEM_PREFIX + _lit(template.system) + ", started=false, prompted=false, n=0) -%}",
             "{%- set msgs = messages -%}",
             "{%- if msgs and msgs[0]['role'] == 'system' -%}",
             "{%- if msgs[0]['content'] is string -%}{%- set ns.system = msgs[0]['content'] -%}",
@@ -105,3 +108,9 @@ def to_jinja(template: ChatTemplate) -> str:
             + " -}}{%- endif -%}",
         ]
     )
+
+
+def system_prompt_of(jinja: str) -> str | None:
+    """The default system prompt a `to_jinja` template was written with; None for Jinja `to_jinja` did not write."""
+    match = _SYSTEM_LITERAL.match(jinja)
+    return json.loads(match.group(1)) if match else None

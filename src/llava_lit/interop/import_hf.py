@@ -10,9 +10,7 @@ level is dropped because transformers 5's `CLIPVisionModel` is flat. This is the
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import torch
 from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaConfig
 
 from llava_lit.conversation import TEMPLATES, get_template
-from llava_lit.interop.chat_template import to_jinja
+from llava_lit.interop.chat_template import system_prompt_of, to_jinja
 from llava_lit.interop.checkpoint_files import read_state_dict
 from llava_lit.interop.pretrained import BUILD_TARGET, PretrainedLlava, write_json
 from llava_lit.tokenization import image_token_id, load_tokenizer
@@ -103,10 +101,6 @@ def _clip_processor(folder: Path) -> tuple[CLIPImageProcessor, str]:
     return processor, aspect
 
 
-_JINJA_SYSTEM = re.compile(r'\{%- set ns = namespace\(system=("(?:[^"\\]|\\.)*"),')
-"""The default system prompt as `to_jinja` writes it: a JSON string literal in the template's first statement."""
-
-
 def _recorded_template(tokenizer: Any) -> tuple[str | None, str | None]:
     """(name, system prompt) of our template whose Jinja equals the checkpoint's chat template (our exports).
 
@@ -116,8 +110,7 @@ def _recorded_template(tokenizer: Any) -> tuple[str | None, str | None]:
     jinja = getattr(tokenizer, "chat_template", None)
     if not isinstance(jinja, str):
         return None, None
-    match = _JINJA_SYSTEM.match(jinja)
-    system = json.loads(match.group(1)) if match else None
+    system = system_prompt_of(jinja)
     for name, own in TEMPLATES.items():
         if jinja == to_jinja(get_template(name, system=system)):
             return name, None if system in (None, own.system) else system
