@@ -6,6 +6,8 @@ import random
 
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.dialogues import (
+    CAPTION_FORMS,
+    POSITION_PHRASES,
     QUESTION_TYPES,
     align_record,
     all_qas,
@@ -49,6 +51,9 @@ def test_caption_and_description():
         caption(SCENE)
         == "an orange circle at the top, a red circle on the left and a blue square on the right"
     )
+    assert caption(two, 1) == "on the left a red circle and on the right a blue square"
+    assert caption(two, 2) == "a circle in red on the left and a square in blue on the right"
+    assert caption(two, 3) == "on the left a circle in red and on the right a square in blue"
     text = detailed_description(SCENE)
     assert text.startswith("The image shows 3 shapes on a gray background.")
     assert "There is a large orange circle at the top." in text
@@ -112,12 +117,26 @@ def test_single_object_scene_counts_and_articles():
     assert not any(q.startswith("Which shape is closest") for q in qas)
 
 
+def test_align_captions_vary_the_word_order():
+    """Stage-1 captions put each attribute first in some records, so the projector learns to carry all three."""
+    captions = [
+        align_record(SCENE, "x.png", random.Random(seed))["conversations"][1]["value"] for seed in range(40)
+    ]
+    assert set(captions) == {caption(SCENE, f) for f in range(len(CAPTION_FORMS))}
+    first_words = {c.split()[1] if c.startswith(("a ", "an ")) else c.split()[0] for c in captions}
+    assert first_words == {"orange", "circle", "at"}  # color, shape and position each lead in some form
+    for c in captions:  # every form names every attribute of every object
+        for o in SCENE.objects:
+            assert o.color in c and o.shape in c and POSITION_PHRASES[o.position] in c
+
+
 def test_records_are_llava_format():
     rng = random.Random(0)
     rec = align_record(SCENE, "train/t-0.png", rng)
     assert rec["image"] == "train/t-0.png"
     assert rec["conversations"][0]["value"].startswith("<image>\n")
-    assert rec["conversations"][1] == {"from": "gpt", "value": caption(SCENE)}
+    assert rec["conversations"][1]["from"] == "gpt"
+    assert rec["conversations"][1]["value"] in {caption(SCENE, f) for f in range(len(CAPTION_FORMS))}
     kinds = set()
     for seed in range(20):
         for r in finetune_records(SCENE, "train/t-0.png", CFG, random.Random(seed)):
