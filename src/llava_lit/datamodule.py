@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,28 @@ class SampleEncoder:
             "labels": encoded.labels,
             "pixel_values": pixel_values,  # [n_images, 3, H, W] or None
         }
+
+
+@dataclass
+class CachingEncoder:
+    """An encoder that keeps each encoded sample in memory, so the epochs after the first skip tokenizing and
+    decoding it. For data that fits in RAM and is read in the training process (`num_workers=0`): the world's
+    stage 2 spends about 14 % of each step encoding, all of it repeated work from the second epoch on.
+
+    Samples are keyed by shard and sample key; skipped samples are not cached, so they are skipped (and
+    counted) again each epoch, as without the cache. Batches are built by `collate` into new tensors, so the
+    cached ones are never modified.
+    """
+
+    encoder: Callable[[dict[str, Any]], dict[str, Any]]
+    cache: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        key = (str(raw.get("__url__")), str(raw.get("__key__")))
+        sample = self.cache.get(key)
+        if sample is None:
+            sample = self.cache[key] = self.encoder(raw)
+        return sample
 
 
 class ShardStream(IterableDataset):
@@ -393,6 +415,7 @@ class LlavaDataModule(L.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pin_memory: bool = True,
         group_by_length: bool = False,
+        cache_samples: bool = False,
         accumulate_grad_batches: int = 1,
         world_size: int | None = None,
         rank: int | None = None,
@@ -416,6 +439,9 @@ class LlavaDataModule(L.LightningDataModule):
             micro-batches, so each pads to a near-equal length while the step's samples stay a random draw
             (what LLaVA's `group_by_modality_length` achieves across GPUs). Needs gradient accumulation to
             do anything; exact when `accumulate_grad_batches` is a multiple of `num_workers`.
+        cache_samples: keep every encoded sample (token ids, labels, image tensors) in memory after its first
+            use, so later epochs skip tokenizing and decoding (`CachingEncoder`). For small datasets read with
+            `num_workers=0`: worker processes are re-created each epoch and would lose the cache.
         accumulate_grad_batches: micro-batches per optimizer step on this rank; injected by the training
             entry point, which derives it from the global batch size.
         world_size / rank: override the distributed layout (default: the trainer, torch.distributed, env).
@@ -438,6 +464,12 @@ class LlavaDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.pin_memory = pin_memory
         self.group_by_length = group_by_length
+        if cache_samples and num_workers > 0:
+            raise ValueError(
+                f"cache_samples needs num_workers=0 (got {num_workers}): DataLoader workers are re-created "
+                "each epoch, so a cache filled in them would be lost"
+            )
+        self.cache_samples = cache_samples
         self.accumulate_grad_batches = accumulate_grad_batches
         self._world_size = world_size
         self._rank = rank
@@ -498,7 +530,7 @@ class LlavaDataModule(L.LightningDataModule):
         )
         stream = ShardStream(
             sources,
-            encoder=encoder,
+            encoder=CachingEncoder(encoder) if self.cache_samples else encoder,
             pad_token_id=self.tokenizer.pad_token_id,
             batch_size=self.micro_batch_size,
             rank=rank,

@@ -105,6 +105,34 @@ def test_epochs_reshuffle_and_are_reproducible(shards, llama_tokenizer, clip_pro
     assert [i for b in again.train_dataloader() for i in b["ids"]] == epoch0
 
 
+def test_sample_cache_gives_the_same_batches_and_encodes_each_sample_once(
+    shards, llama_tokenizer, clip_processor_56
+):
+    plain = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0)
+    cached = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0, cache_samples=True)
+    plain_loader, cached_loader = plain.train_dataloader(), cached.train_dataloader()
+    encoder = cached_loader.dataset.encoder
+    calls = 0
+    inner = encoder.encoder
+
+    def counting(raw):
+        nonlocal calls
+        calls += 1
+        return inner(raw)
+
+    encoder.encoder = counting
+    for epoch in range(2):
+        expected, got = list(plain_loader), list(cached_loader)
+        assert [b["ids"] for b in got] == [b["ids"] for b in expected]  # the same order, epoch by epoch
+        for a, b in zip(expected, got, strict=True):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+            pa, pb = a["pixel_values"], b["pixel_values"]
+            assert (pa is None and pb is None) or torch.equal(pa, pb)
+        assert calls == 38, epoch  # every sample encoded in the first epoch, none in the second
+    with pytest.raises(ValueError, match="num_workers=0"):
+        make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=2, cache_samples=True)
+
+
 def test_group_by_length_sorts_each_step_and_keeps_its_samples(shards, llama_tokenizer, clip_processor_56):
     # Micro-batches of 4, 3 per optimizer step: each step's 12 samples are the ones it gets without
     # grouping, cut into micro-batches by length.
