@@ -124,6 +124,7 @@ def test_mid_epoch_resume_continues_with_the_unseen_samples(compose_train, worke
     common = [
         "trainer.limit_val_batches=0",
         f"data.num_workers={workers}",
+        f"data.cache_samples={workers == 0}",  # the world's sample cache needs in-process loading
         f"data.group_by_length={by_length}",
     ]
     whole = _RecordIds()
