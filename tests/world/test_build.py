@@ -174,3 +174,21 @@ def test_save_llm_copies_tokenizer_files_only(tiny_world, tmp_path):
     saved = load_file(out / "model.safetensors")
     assert torch.equal(saved["lm_head.weight"], model.lm_head.weight)
     assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_llm_head_width_is_a_setting(tiny_world, tiny_world_cfg):
+    from transformers import AutoTokenizer
+
+    from llava_lit.world.backbones import train_llm
+
+    tok = AutoTokenizer.from_pretrained(tiny_world / "llm")
+    docs = ["The red circle is on the left.</s>" * 20]
+    split = type(tiny_world_cfg)(**{**tiny_world_cfg.to_dict(), "llm_steps": 1, "llm_block_size": 16})
+    wide = type(split)(**{**split.to_dict(), "llm_head_dim": 2 * split.llm_hidden_size // split.llm_heads})
+    for cfg in (split, wide):
+        model, _ = train_llm(docs, docs, tok, cfg, lambda n=1: None)
+        head_dim = cfg.llm_head_dim or cfg.llm_hidden_size // cfg.llm_heads
+        attention = model.model.layers[0].self_attn
+        assert attention.q_proj.out_features == cfg.llm_heads * head_dim
+        assert attention.o_proj.in_features == cfg.llm_heads * head_dim
+        assert model.config.hidden_size == cfg.llm_hidden_size

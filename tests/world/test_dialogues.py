@@ -117,10 +117,22 @@ def test_single_object_scene_counts_and_articles():
     assert not any(q.startswith("Which shape is closest") for q in qas)
 
 
-def test_align_captions_vary_the_word_order():
-    """Stage-1 captions put each attribute first in some records, so the projector learns to carry all three."""
+def test_align_captions_use_the_first_order_unless_mixed():
+    """One phrase form by default; the setting changes only the caption, never the later random draws."""
+    for seed in range(10):
+        plain, mixed = random.Random(seed), random.Random(seed)
+        one = align_record(SCENE, "x.png", plain)
+        four = align_record(SCENE, "x.png", mixed, mixed_orders=True)
+        assert one["conversations"][1]["value"] == caption(SCENE, 0)
+        assert one["conversations"][0] == four["conversations"][0]
+        assert plain.random() == mixed.random()
+
+
+def test_mixed_align_captions_vary_the_word_order():
+    """With mixed orders each attribute leads in some captions."""
     captions = [
-        align_record(SCENE, "x.png", random.Random(seed))["conversations"][1]["value"] for seed in range(40)
+        align_record(SCENE, "x.png", random.Random(seed), mixed_orders=True)["conversations"][1]["value"]
+        for seed in range(40)
     ]
     assert set(captions) == {caption(SCENE, f) for f in range(len(CAPTION_FORMS))}
     first_words = {c.split()[1] if c.startswith(("a ", "an ")) else c.split()[0] for c in captions}
@@ -169,3 +181,11 @@ def test_lm_documents_use_the_vicuna_format():
     chats = [d for d in docs if "USER: " in d]
     assert chats and all(d.startswith("A chat between") and d.endswith("</s>") for d in chats)
     assert all(d.endswith("</s>") for d in docs)
+
+
+def test_lm_captions_use_every_word_order():
+    """The LM text teaches all four orders, so the LLM knows that any attribute may lead."""
+    scenes = generate_scene_sets(WorldConfig.ci(n_train_scenes=40))["train"]
+    docs = set(lm_documents(scenes, CFG, random.Random(0)))
+    used = {f for f in range(len(CAPTION_FORMS)) for s in scenes if caption(s, f) + "</s>" in docs}
+    assert used == set(range(len(CAPTION_FORMS)))

@@ -228,7 +228,9 @@ def _write_records(
     for split, prefix in [("train", ""), ("val", "val_")]:
         group = scenes[split]
         images = [f"{split}/{s.scene_id}.png" for s in group]
-        records[f"{prefix}align"] = [align_record(s, img, rng) for s, img in zip(group, images, strict=True)]
+        records[f"{prefix}align"] = [
+            align_record(s, img, rng, cfg.align_mixed_orders) for s, img in zip(group, images, strict=True)
+        ]
         tuned = [r for s, img in zip(group, images, strict=True) for r in finetune_records(s, img, cfg, rng)]
         n_text = round(len(tuned) * cfg.text_only_fraction / (1 - cfg.text_only_fraction))
         text = text_only_records(n_text, cfg, rng)
