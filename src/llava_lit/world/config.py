@@ -89,8 +89,9 @@ class WorldConfig:
     align_mixed_orders: bool = False
     """Draw stage-1 captions from all four `CAPTION_FORMS` word orders, as the LM text is, instead of the first only.
 
-    Off: stage 2 then learns existence ("Is there a red square?") too; with all four it stayed at chance in every
-    run measured (`docs/benchmarks.md`).
+    Off (with heads of 64): stage 2 learned existence ("Is there a red square?") in both batch orders measured
+    (85 / 84) and the look-ups by shape and position in one of them. On: those look-ups in both orders and
+    existence in none (49-61). `docs/benchmarks.md` has the runs.
     """
 
     text_only_fraction: float = 0.05
