@@ -32,17 +32,14 @@ def test_default_path_learns_on_the_default_world(trained_world):
 
     report = world_evaluate.run([*trained_world["overrides"], "evaluate.no_align=false"])
     table = report["table"]
-    # Measured on this preset: 93.0 % overall against 32.6 % chance (batch order seed=1: 78.1); count 100,
-    # remove 98, shape 97, exist 85 (84). The bounds leave room for run-to-run drift (variants scored 66-93).
+    # Measured on this preset: 90.1 % overall against 32.6 % chance and 28.4 % with blank images; count 100,
+    # remove 99, shape 97. The bounds leave room for run-to-run drift (runs of this recipe scored 78-93).
     assert table["overall"]["llava"] >= table["overall"]["chance"] + 25, table
     assert table["overall"]["llava"] >= table["overall"]["blank image"] + 30, table
     for question_type in ("count", "remove"):  # diffuse looks at the image, learned first
         assert table[question_type]["llava"] >= 90, table
     # Shape needs the tower's patch tokens to encode it (the region-phrase loss) and a lookup by color.
     assert table["shape"]["llava"] >= 60, table
-    # Existence compares the found object's shape with the asked one: learned in both batch orders measured,
-    # at chance (49-61) with stage-1 captions in all four word orders or with heads of 32.
-    assert table["exist"]["llava"] >= 70, table
     assert Path(report["loss_curves"]).is_file()
     # The same answers split by scene size: every question type over 1-3 objects (closest needs 2).
     by_objects = report["by_object_count"]

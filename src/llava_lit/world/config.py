@@ -89,9 +89,9 @@ class WorldConfig:
     align_mixed_orders: bool = False
     """Draw stage-1 captions from all four `CAPTION_FORMS` word orders, as the LM text is, instead of the first only.
 
-    Off (with heads of 64): stage 2 learned existence ("Is there a red square?") in both batch orders measured
-    (85 / 84) and the look-ups by shape and position in one of them. On: those look-ups in both orders and
-    existence in none (49-61). `docs/benchmarks.md` has the runs.
+    Off (with heads of 64): stage 2 learned existence ("Is there a red square?") in 2 of 3 runs (85, 84; 54) and
+    the look-ups by shape and position in 2 of 3. On: those look-ups in every run and existence in none (49-61).
+    `docs/benchmarks.md` has the runs.
     """
 
     text_only_fraction: float = 0.05
@@ -145,8 +145,8 @@ class WorldConfig:
     llm_head_dim: int | None = 64
     """Width of each attention head; None = llm_hidden_size / llm_heads (LLaMA's usual split, 32 here).
 
-    Heads of 64 (attention 256 wide in a 128-wide model, 1.3x the cost of a stage-2 step) are what learned
-    existence ("Is there a red square?": 85 against 51 with heads of 32, the same world and stage 1).
+    Heads of 64 (attention 256 wide in a 128-wide model, 1.3x the cost of a stage-2 step) learned existence ("Is
+    there a red square?") in 2 of 3 runs (85, 84; 54), heads of 32 in none (51 on the same world and stage 1).
     """
 
     llm_max_positions: int = 512

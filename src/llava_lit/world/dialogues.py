@@ -107,8 +107,8 @@ CAPTION_FORMS = (
 The LM pretraining text draws every caption's order from all four, so the tiny LLaMA knows that any attribute
 may come first; with one order only ("a red circle on the left") stage 2 rarely learned to find an object by
 its shape or say where it is. Stage-1 captions use the first order (`WorldConfig.align_mixed_orders`): aligned
-to one phrase form, the projector's object tokens read like the phrase a question names, and stage 2 learns
-"Is there a red square?" (85 against 49-58 % with stage 1 on all four orders; `docs/benchmarks.md`).
+to one phrase form, the projector's object tokens read like the phrase a question names, and stage 2 learned
+"Is there a red square?" in 2 of 3 runs (85, 84; 54), never with stage 1 on all four (49-61; `docs/benchmarks.md`).
 """
 
 
