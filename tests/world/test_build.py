@@ -185,10 +185,10 @@ def test_llm_head_width_is_a_setting(tiny_world, tiny_world_cfg):
     docs = ["The red circle is on the left.</s>" * 20]
     split = type(tiny_world_cfg)(**{**tiny_world_cfg.to_dict(), "llm_steps": 1, "llm_block_size": 16})
     wide = type(split)(**{**split.to_dict(), "llm_head_dim": 2 * split.llm_hidden_size // split.llm_heads})
+    assert (split.llm_attention_head_dim, wide.llm_attention_head_dim) == (16, 32)  # hidden 64, 4 heads
     for cfg in (split, wide):
         model, _ = train_llm(docs, docs, tok, cfg, lambda n=1: None)
-        head_dim = cfg.llm_head_dim or cfg.llm_hidden_size // cfg.llm_heads
         attention = model.model.layers[0].self_attn
-        assert attention.q_proj.out_features == cfg.llm_heads * head_dim
-        assert attention.o_proj.in_features == cfg.llm_heads * head_dim
+        assert attention.q_proj.out_features == cfg.llm_heads * cfg.llm_attention_head_dim
+        assert attention.o_proj.in_features == cfg.llm_heads * cfg.llm_attention_head_dim
         assert model.config.hidden_size == cfg.llm_hidden_size

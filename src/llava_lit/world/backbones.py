@@ -453,7 +453,7 @@ def train_llm(
         num_hidden_layers=cfg.llm_layers,
         num_attention_heads=cfg.llm_heads,
         num_key_value_heads=cfg.llm_heads,
-        head_dim=cfg.llm_head_dim or h // cfg.llm_heads,
+        head_dim=cfg.llm_attention_head_dim,
         max_position_embeddings=cfg.llm_max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

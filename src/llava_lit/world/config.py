@@ -204,6 +204,11 @@ class WorldConfig:
         return self.image_size // self.patch_size
 
     @property
+    def llm_attention_head_dim(self) -> int:
+        """Width of each of the tiny LLaMA's attention heads: `llm_head_dim`, or hidden size / heads if unset."""
+        return self.llm_head_dim or self.llm_hidden_size // self.llm_heads
+
+    @property
     def num_image_tokens(self) -> int:
         """Patch tokens the CLIP tower yields per image (CLS excluded), i.e. what one `<image>` expands to."""
         return self.patch_grid**2
