@@ -96,15 +96,20 @@ def test_every_question_form_with_its_answer():
 
 def test_existence_yes_and_no():
     answers = {}
-    for seed in range(60):
+    for seed in range(80):
         qa = all_qas(SCENE, CFG, random.Random(seed))["exist"][0]
         color, shape = qa.question.removeprefix("Is there ").rstrip("?").split(" ")[-2:]
         present = (color, shape) in {(o.color, o.shape) for o in SCENE.objects}
         assert qa.key == ("yes" if present else "no")
-        assert qa.answer.lower().startswith(qa.key)
-        answers[qa.key] = qa.answer
-    assert set(answers) == {"yes", "no"}
-    assert answers["no"].startswith("No, there is no ")
+        assert qa.answer.endswith(f", so {qa.key}.")  # the verdict comes last
+        assert is_correct({"category": "exist", "key": qa.key, "candidates": ["yes", "no"]}, qa.answer)
+        answers[qa.question] = qa.answer
+    # First the colors of the objects of the asked shape, in reading order (top, left, center, right, bottom).
+    assert answers["Is there a red circle?"] == "The circles are orange and red, so yes."
+    assert answers["Is there a green circle?"] == "The circles are orange and red, so no."
+    assert answers["Is there a blue square?"] == "The square is blue, so yes."
+    assert answers["Is there a red square?"] == "The square is blue, so no."
+    assert answers["Is there a red triangle?"] == "There is no triangle, so no."
 
 
 def test_single_object_scene_counts_and_articles():
