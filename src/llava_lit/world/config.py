@@ -147,7 +147,8 @@ class WorldConfig:
     """Width of each attention head; None = llm_hidden_size / llm_heads (LLaMA's usual split, 32 here).
 
     Heads of 64 (attention 256 wide in a 128-wide model, 1.3x the cost of a stage-2 step) learned existence ("Is
-    there a red square?") in 2 of 3 runs (85, 84; 54), heads of 32 in none (51 on the same world and stage 1).
+    there a red square?") in 2 of 3 runs (85, 84; 54), heads of 32 in none (51 on the same world and stage 1),
+    both with the earlier verdict-first existence answers ("No, there is no red square.").
     """
 
     llm_max_positions: int = 512
