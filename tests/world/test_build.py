@@ -28,6 +28,7 @@ def test_layout_and_world_json(tiny_world, tiny_world_cfg):
         "clip pretraining",
         "llm pretraining",
         "shards",
+        "total",
     }
     assert set(info["metrics"]["clip"]["attribute_accuracy"]) == {"color", "shape", "position", "count"}
     llm = info["metrics"]["llm"]

@@ -230,6 +230,7 @@ def train_clip(
             patch_size=cfg.patch_size,
         ),
         projection_dim=h,
+        attn_implementation="eager",  # not saved: LLaVA loads the tower with its own choice
     )
     model = CLIPModel(config)
     _init_2d_positions(model.vision_model.embeddings.position_embedding.weight, grid)
@@ -248,22 +249,27 @@ def train_clip(
         negatives = [caption(hard_negative(scenes[i], cfg, rng, ("position", "shape"))[1]) for i in idx]
         negatives += [caption(hard_negative(scenes[i], cfg, rng)[1]) for i in idx]
         ids = _clip_text_ids([captions[i] for i in idx] + negatives, tok, vocab, max_len)
-        vision = model.vision_model(pixel_values=normalize_images(images[idx]), output_hidden_states=True)
-        img = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)  # [B, P]
-        txt = _clip_features(model, ids=ids)  # [3B, P]: positives then hard negatives
-        scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * img @ txt.T  # [B, 3B]
-        target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
-        if cfg.clip_region_weight:
-            rows, patches, objs = _object_patches([scenes[i] for i in idx], grid)
-            tokens = vision.hidden_states[-2][:, 1:][rows, patches]  # [O, h]: each object's centre patch
-            region = F.normalize(model.visual_projection(model.vision_model.post_layernorm(tokens)), dim=-1)
-            named = _clip_features(model, ids=phrase_ids)  # [phrases, P]
-            labels = torch.tensor([phrase_index[object_phrase(o.color, o.shape, o.position)] for o in objs])
-            region_loss = F.cross_entropy(scale * region @ named.T, labels)
-            region_losses.append(region_loss.item())
-            loss = loss + cfg.clip_region_weight * region_loss
+        with _autocast(cfg):
+            vision = model.vision_model(pixel_values=normalize_images(images[idx]), output_hidden_states=True)
+            img = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)  # [B, P]
+            txt = _clip_features(model, ids=ids)  # [3B, P]: positives then hard negatives
+            scale = model.logit_scale.exp().clamp(max=100)
+            logits = scale * img @ txt.T  # [B, 3B]
+            target = torch.arange(len(idx))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
+            if cfg.clip_region_weight:
+                rows, patches, objs = _object_patches([scenes[i] for i in idx], grid)
+                tokens = vision.hidden_states[-2][:, 1:][rows, patches]  # [O, h]: each object's centre patch
+                region = F.normalize(
+                    model.visual_projection(model.vision_model.post_layernorm(tokens)), dim=-1
+                )
+                named = _clip_features(model, ids=phrase_ids)  # [phrases, P]
+                labels = torch.tensor(
+                    [phrase_index[object_phrase(o.color, o.shape, o.position)] for o in objs]
+                )
+                region_loss = F.cross_entropy(scale * region @ named.T, labels)
+                region_losses.append(region_loss.item())
+                loss = loss + cfg.clip_region_weight * region_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -458,6 +464,7 @@ def train_llm(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
+        attn_implementation="eager",  # not saved: the LLaVA picks its own (conf/model/tiny.yaml)
     )
     model = LlamaForCausalLM(config)
     train = _token_blocks(train_texts, tok, cfg.llm_block_size)
@@ -470,7 +477,8 @@ def train_llm(
     for _ in range(cfg.llm_steps):
         idx = torch.randint(len(train), (cfg.llm_batch_size,), generator=gen)
         batch = train[idx]  # [B, T]
-        loss = model(input_ids=batch, labels=batch).loss
+        with _autocast(cfg):
+            loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -567,6 +575,11 @@ def _warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sch
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _autocast(cfg: WorldConfig) -> torch.autocast:
+    """bf16 autocast of a pretraining forward pass (and its loss) when `cfg.pretrain_bf16`, else a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.pretrain_bf16)
 
 
 def _mean(xs: list[float]) -> float:

@@ -99,6 +99,12 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> Path:
         raise FileExistsError(
             f"{out} exists and is not a world folder (no {INFO_NAME}); refusing to replace it"
         )
+    if cfg.pretrain_bf16 and not (
+        torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    ):
+        log.warning(
+            "pretrain_bf16 on a CPU without AMX or AVX512-BF16: bf16 is emulated here, fp32 may be faster"
+        )
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -177,7 +183,8 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
         with step("shards", len(records)) as advance:
             metrics["shards"] = _write_shards(records, cfg, out, advance)
 
-    console.print(f"[bold]world built[/bold] in {sum(timings.values()):.0f} s")
+    timings["total"] = round(sum(timings.values()), 2)
+    console.print(f"[bold]world built[/bold] in {timings['total']:.0f} s")
     return {
         "fingerprint": cfg.fingerprint(),
         "config": cfg.to_dict(),
