@@ -19,13 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv with the pinned packages
 
-# Overrides for all three steps of `demo`, e.g. `make demo ARGS=trainer=gpu` (bf16 on one GPU) or `ARGS=seed=1`.
+# Overrides for every step of `demo`, e.g. `make demo ARGS=trainer=gpu` (bf16 on one GPU) or `ARGS=seed=1`.
 ARGS ?=
 
 demo: install  ## the main job: build the miniature world, align, finetune, evaluate (ARGS=overrides)
-	$(PY) -m llava_lit.train stage=align $(ARGS)
-	$(PY) -m llava_lit.train stage=finetune $(ARGS)
-	$(PY) -m llava_lit.world.evaluate $(ARGS)
+	$(PY) -m llava_lit.world.demo $(ARGS)
 
 test: install  ## every test CI runs (slow ones included, GPU ones skip without a GPU)
 	$(VENV)/bin/pytest -q

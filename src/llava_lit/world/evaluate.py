@@ -12,7 +12,8 @@ question type beside chance:
 - `blank image`: the same model with every image replaced by a blank one (must fall to about chance: the
   answers come from the image, not from the question's wording);
 - `no stage 1`: a model finetuned the same way from a fresh projector (shows what alignment buys); trained
-  here unless `evaluate.no_align=false`.
+  here (`evaluate.no_align=true`), taken from its run folder when trained before (`evaluate.no_align=trained`:
+  `python -m llava_lit.world.demo` trains it beside the finetune), or left out (`evaluate.no_align=false`).
 A second table splits the `llava` answers by the number of objects in the scene: a type right on one-object
 scenes and near 1/n on n-object ones is answered without finding the object the question names. It also plots
 the training loss of each stage. Everything lands in `outputs/<run_name>/world_eval/`.
@@ -122,11 +123,25 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def no_stage1_overrides(overrides: list[str], run_name: str) -> list[str]:
+    """The `python -m llava_lit.train` overrides of the no-stage-1 ablation of run `run_name`: the same finetune
+    from a fresh projector, in its own run folder (`<run_name>_no_stage1`)."""
+    kept = [
+        o for o in overrides if o.split("=")[0].lstrip("+~") not in ("stage", "run_name", "init_projector")
+    ]
+    return [*kept, "stage=finetune", "init_projector=null", f"run_name={no_stage1_run(run_name)}"]
+
+
+def no_stage1_run(run_name: str) -> str:
+    """The `run_name` of the no-stage-1 ablation of run `run_name`."""
+    return f"{run_name}_no_stage1"
+
+
 def run(overrides: list[str]) -> dict[str, Any]:
     """Evaluate the finetuned world model and its ablations; returns and writes the report.
 
     `overrides` are the ones given to `python -m llava_lit.train` (world, paths, run_name...), plus
-    `evaluate.*` settings (`batch_size`, `max_new_tokens`, `limit`, `no_align`).
+    `evaluate.*` settings (`batch_size`, `max_new_tokens`, `limit`, `no_align`: true, trained or false).
     """
     cfg = compose_train(overrides)
     settings = cfg.get("evaluate") or {}
@@ -140,6 +155,18 @@ def run(overrides: list[str]) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise SystemExit(
             f"No finetuned checkpoint at {checkpoint}: run `python -m llava_lit.train stage=finetune`"
+        )
+    no_align = settings.get("no_align", True)
+    if no_align not in (True, False, "trained"):
+        raise SystemExit(f"evaluate.no_align={no_align!r}: use true (train it here), trained or false")
+    ablation_overrides = no_stage1_overrides(overrides, cfg.run_name)
+    ablation_ckpt = (
+        Path(cfg.paths.output_root) / no_stage1_run(cfg.run_name) / "finetune" / "checkpoints" / "last.ckpt"
+    )
+    if no_align == "trained" and not ablation_ckpt.is_file():
+        raise SystemExit(
+            f"evaluate.no_align=trained, but there is no no-stage-1 checkpoint at {ablation_ckpt}: train it with "
+            f"`python -m llava_lit.train {' '.join(ablation_overrides)}` or pass evaluate.no_align=true"
         )
     out = run_dir / "world_eval"
     # Prediction resumes from existing answer files; these answers belong to whatever checkpoint is there now.
@@ -165,23 +192,15 @@ def run(overrides: list[str]) -> dict[str, Any]:
         blank, "world", out / "blank_image", checkpoint=str(checkpoint), **batch
     )
     stages = {"align": "align", "finetune": "finetune"}
-    if settings.get("no_align", True):
-        from llava_lit.train import train
+    if no_align:
+        if no_align is True:
+            from llava_lit.train import train
 
-        kept = [
-            o
-            for o in overrides
-            if o.split("=")[0].lstrip("+~") not in ("stage", "run_name", "init_projector")
-        ]
-        ablation = compose_train(
-            [*kept, "stage=finetune", "init_projector=null", f"run_name={cfg.run_name}_no_stage1"]
-        )
-        train(ablation)
-        ablation_ckpt = Path(ablation.paths.output_dir) / "checkpoints" / "last.ckpt"
+            train(compose_train(ablation_overrides))
         results["no stage 1"] = evaluate(
             benchmark, "world", out / "no_stage1", checkpoint=str(ablation_ckpt), **batch
         )
-        stages["finetune, no stage 1"] = f"../{cfg.run_name}_no_stage1/finetune"
+        stages["finetune, no stage 1"] = f"../{no_stage1_run(cfg.run_name)}/finetune"
 
     table = comparison_table(results)
     by_objects = object_count_table(out / "llava" / "answers.jsonl", benchmark, world_dir)
