@@ -112,6 +112,20 @@ def test_existence_yes_and_no():
     assert answers["Is there a red triangle?"] == "There is no triangle, so no."
 
 
+def test_existence_negatives_mostly_name_a_shape_the_scene_holds():
+    """40 % yes, 40 % no for a present shape in another color, 20 % no for an absent shape: answering "yes"
+    whenever the asked shape is there must not pay (it would score 60 %)."""
+    kinds = {"yes": 0, "shape here": 0, "shape absent": 0}
+    shapes_here = {o.shape for o in SCENE.objects}
+    for seed in range(2000):
+        qa = all_qas(SCENE, CFG, random.Random(seed))["exist"][0]
+        shape = qa.question.rstrip("?").split(" ")[-1]
+        kinds["yes" if qa.key == "yes" else "shape here" if shape in shapes_here else "shape absent"] += 1
+    assert abs(kinds["yes"] / 2000 - 0.4) < 0.04, kinds
+    assert abs(kinds["shape here"] / 2000 - 0.4) < 0.04, kinds
+    assert abs(kinds["shape absent"] / 2000 - 0.2) < 0.04, kinds
+
+
 def test_single_object_scene_counts_and_articles():
     one = Scene("t-2", "black", (18, 18, 18), (obj("triangle", "orange", "center"),))
     qas = by_question(all_qas(one, CFG, random.Random(0)))
