@@ -9,9 +9,10 @@ It runs the three commands of the miniature world's recipe, each as its own proc
 with one change on the CPU: the evaluation's no-stage-1 ablation (a second finetune, from a fresh projector) trains
 beside the finetune, each on half the cores, instead of inside `evaluate` after it. The tiny model uses a second
 core poorly (a stage-2 step is only 1.4-1.6x faster on 2 threads than on 1): on 2 cores the two took 760 s side by
-side against 442 s + 522 s one after the other (docs/benchmarks.md). On other accelerators the steps run one after the other. The finetune prints to
-the console, the ablation to `<output_root>/<run_name>_no_stage1/finetune/console.log`. A failed step stops the
-demo with its exit code; the wall time of each step is printed at the end.
+side against 442 s + 522 s one after the other (docs/benchmarks.md). On other accelerators the steps run one
+after the other. The finetune prints to the console, the ablation to
+`<output_root>/<run_name>_no_stage1/finetune/console.log`. A failed step stops the demo with its exit code; the
+wall time of each step is printed at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from llava_lit.world.build import load_world_info
-from llava_lit.world.evaluate import compose_train, no_stage1_overrides, no_stage1_run
+from llava_lit.world.evaluate import compose_train, no_stage1_dir, no_stage1_overrides, override_key
 
 
 def _train_command(overrides: list[str]) -> list[str]:
@@ -41,7 +42,7 @@ def side_by_side_threads(cfg_accelerator: str, overrides: list[str], cores: int 
     Side by side only on the CPU, with at least 2 cores and no `cpu_threads` or `evaluate.no_align` given.
     """
     cores = cores or len(os.sched_getaffinity(0))
-    given = {o.split("=")[0].lstrip("+~") for o in overrides}
+    given = {override_key(o) for o in overrides}
     if cfg_accelerator != "cpu" or cores < 2 or given & {"cpu_threads", "evaluate.no_align"}:
         return None
     return cores // 2
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         evaluate_overrides = overrides
     else:
         ablation = no_stage1_overrides(overrides, cfg.run_name)
-        log_dir = Path(cfg.paths.output_root) / no_stage1_run(cfg.run_name) / "finetune"
+        log_dir = no_stage1_dir(cfg)
         log_dir.mkdir(parents=True, exist_ok=True)
         print(
             f"demo: finetune and its no-stage-1 ablation train side by side, {threads} thread(s) each; "

@@ -57,7 +57,10 @@ def blank_image_folder(benchmark: WorldBenchmark, world: WorldConfig, folder: Pa
 
 
 def loss_curves(run_dir: Path, stages: dict[str, str], out: Path) -> Path | None:
-    """Plot `train/loss` per step for each stage's CSV log into `out` (PNG); None when there are no logs."""
+    """Plot `train/loss` per step for each stage's CSV log into `out` (PNG); None when there are no logs.
+
+    `stages` maps a label to its output folder, relative to `run_dir` or absolute.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -123,18 +126,21 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def override_key(override: str) -> str:
+    """The config key a command-line override sets: `+world.seed=2` -> `world.seed`."""
+    return override.split("=")[0].lstrip("+~")
+
+
 def no_stage1_overrides(overrides: list[str], run_name: str) -> list[str]:
     """The `python -m llava_lit.train` overrides of the no-stage-1 ablation of run `run_name`: the same finetune
     from a fresh projector, in its own run folder (`<run_name>_no_stage1`)."""
-    kept = [
-        o for o in overrides if o.split("=")[0].lstrip("+~") not in ("stage", "run_name", "init_projector")
-    ]
-    return [*kept, "stage=finetune", "init_projector=null", f"run_name={no_stage1_run(run_name)}"]
+    kept = [o for o in overrides if override_key(o) not in ("stage", "run_name", "init_projector")]
+    return [*kept, "stage=finetune", "init_projector=null", f"run_name={run_name}_no_stage1"]
 
 
-def no_stage1_run(run_name: str) -> str:
-    """The `run_name` of the no-stage-1 ablation of run `run_name`."""
-    return f"{run_name}_no_stage1"
+def no_stage1_dir(cfg: DictConfig) -> Path:
+    """The output folder of the no-stage-1 ablation's finetune for the run `cfg` describes."""
+    return Path(cfg.paths.output_root) / f"{cfg.run_name}_no_stage1" / "finetune"
 
 
 def run(overrides: list[str]) -> dict[str, Any]:
@@ -160,9 +166,7 @@ def run(overrides: list[str]) -> dict[str, Any]:
     if no_align not in (True, False, "trained"):
         raise SystemExit(f"evaluate.no_align={no_align!r}: use true (train it here), trained or false")
     ablation_overrides = no_stage1_overrides(overrides, cfg.run_name)
-    ablation_ckpt = (
-        Path(cfg.paths.output_root) / no_stage1_run(cfg.run_name) / "finetune" / "checkpoints" / "last.ckpt"
-    )
+    ablation_ckpt = no_stage1_dir(cfg) / "checkpoints" / "last.ckpt"
     if no_align == "trained" and not ablation_ckpt.is_file():
         raise SystemExit(
             f"evaluate.no_align=trained, but there is no no-stage-1 checkpoint at {ablation_ckpt}: train it with "
@@ -200,7 +204,7 @@ def run(overrides: list[str]) -> dict[str, Any]:
         results["no stage 1"] = evaluate(
             benchmark, "world", out / "no_stage1", checkpoint=str(ablation_ckpt), **batch
         )
-        stages["finetune, no stage 1"] = f"../{no_stage1_run(cfg.run_name)}/finetune"
+        stages["finetune, no stage 1"] = str(no_stage1_dir(cfg))
 
     table = comparison_table(results)
     by_objects = object_count_table(out / "llava" / "answers.jsonl", benchmark, world_dir)
