@@ -151,6 +151,7 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         warmup_ratio=module_cfg["warmup_ratio"],
         min_lr_ratio=module_cfg["min_lr_ratio"],
         sharding=ShardingConfig(**module_cfg["sharding"]),
+        compile_blocks=module_cfg["compile_blocks"],
         run_config=run_config(cfg),
     )
     return module, datamodule

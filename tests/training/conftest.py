@@ -79,6 +79,7 @@ def tiny_overrides(
         "global_batch_size=8",
         "micro_batch_size=4",
         "callbacks=default",  # the finetune stage's sample answers read the miniature world's eval files
+        "module.compile_blocks=false",  # compiling costs ~20 s a run; test_train covers it once
     ]
 
 

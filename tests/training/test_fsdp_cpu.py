@@ -26,6 +26,7 @@ def _run(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_fsdp2_two_cpu_processes_train_save_and_resume(train_overrides, tmp_path):
     base = train_overrides(tmp_path / "outputs", "finetune")
     base += ["trainer=fsdp_cpu", "init_projector=null", "trainer.limit_val_batches=0"]
+    base += ["module.compile_blocks=true"]  # as the default config: each sharded decoder layer compiled
     # 32 samples / (micro-batch 4 x 2 ranks) = 4 batches per rank and epoch, one per optimizer step.
     first = _run([*base, "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2"], tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]

@@ -159,6 +159,41 @@ def test_init_from_a_whole_checkpoint_starts_from_its_weights(compose_train):
     assert cfg.model.projector == trained.run_config["model"]["projector"]
 
 
+class _RecordLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.slow  # two compiles (forward and backward) of the tiny LLaMA's decoder layer: ~20 s
+def test_compiled_decoder_layers_train_as_the_eager_ones(compose_train):
+    runs = {}
+    for compiled in (False, True):
+        cfg = compose_train(
+            f"module.compile_blocks={compiled}",
+            f"run_name=compiled_{compiled}",
+            "init_projector=null",
+            "trainer.precision=32-true",  # fp32, so both runs agree to rounding
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=1",  # the compiled layers also run under no_grad
+            stage="finetune",
+        )
+        losses = _RecordLosses()
+        L.seed_everything(0)  # the same fresh projector and batch order in both runs
+        _, module, _, after = _fit(cfg, losses)
+        runs[compiled] = (losses.losses, after, module)
+    (eager_losses, eager_after, _), (losses, after, module) = runs[False], runs[True]
+    assert all(layer._compiled_call_impl is not None for layer in module.model.decoder_layers)
+    # Compiled in place: the same parameter names, so checkpoints load into an uncompiled model.
+    assert {k: v.keys() for k, v in after.items()} == {k: v.keys() for k, v in eager_after.items()}
+    assert len(losses) == len(eager_losses) == 6  # 3 steps of 2 micro-batches
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for k, v in after["language_model"].items():
+        torch.testing.assert_close(v, eager_after["language_model"][k], rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(has_bf16, monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
