@@ -14,6 +14,7 @@ from llava_lit.world.dialogues import (
     caption,
     detailed_description,
     eval_questions,
+    exist_reading_records,
     finetune_records,
     lm_documents,
     text_only_records,
@@ -126,6 +127,36 @@ def test_existence_negatives_mostly_name_a_shape_the_scene_holds():
     assert abs(kinds["shape absent"] / 2000 - 0.2) < 0.04, kinds
 
 
+def test_exist_reading_records_state_the_scene_and_answer_from_it():
+    scenes = generate_scene_sets(CFG)["train"][:40]
+    records = exist_reading_records(scenes, 60, CFG, random.Random(0))
+    assert len(records) == 60 and len({r["id"] for r in records}) == 60
+    captions = {caption(s): s for s in scenes}
+    for r in records:
+        assert "image" not in r  # text only
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        stated, first = turns[0]["value"].split(".\n")
+        scene = captions[stated]  # the scene in words, then the first question
+        present = {(o.color, o.shape) for o in scene.objects}
+        questions = [first] + [t["value"] for t in turns[2::2]]
+        assert 1 <= len(questions) == len(set(questions)) <= 4
+        for question, answer in zip(questions, [t["value"] for t in turns[1::2]], strict=True):
+            assert question.startswith("Is there ")
+            color, shape = question.removesuffix("?").split(" ")[-2:]
+            assert answer == all_qas_exist_answer(scene, color, shape)
+            assert answer.endswith(", so yes." if (color, shape) in present else ", so no.")
+
+
+def all_qas_exist_answer(scene, color, shape):
+    """The answer `exist_qa` gives to "Is there a {color} {shape}?" about `scene`, found by drawing until asked."""
+    for seed in range(500):
+        qa = all_qas(scene, CFG, random.Random(seed))["exist"][0]
+        if qa.question.removesuffix("?").split(" ")[-2:] == [color, shape]:
+            return qa.answer
+    raise AssertionError(f"exist_qa never asked for a {color} {shape}")
+
+
 def test_single_object_scene_counts_and_articles():
     one = Scene("t-2", "black", (18, 18, 18), (obj("triangle", "orange", "center"),))
     qas = by_question(all_qas(one, CFG, random.Random(0)))
@@ -208,3 +239,23 @@ def test_lm_captions_use_every_word_order():
     docs = set(lm_documents(scenes, CFG, random.Random(0)))
     used = {f for f in range(len(CAPTION_FORMS)) for s in scenes if caption(s, f) + "</s>" in docs}
     assert used == set(range(len(CAPTION_FORMS)))
+
+
+def test_reading_records_leave_every_other_record_and_the_rng_alone(tmp_path):
+    """The reading records come from their own random stream: the image records, the other text-only records
+    and every later draw (the held-out questions) are those of a world without them."""
+    from llava_lit.world.build import _write_records
+
+    scenes = generate_scene_sets(CFG)
+    written, states = {}, {}
+    for fraction in (0.0, 0.2):
+        rng = random.Random(0)
+        cfg = WorldConfig.ci(exist_reading_fraction=fraction)
+        written[fraction] = _write_records(scenes, cfg, tmp_path / str(fraction), rng)
+        states[fraction] = rng.getstate()
+    assert states[0.0] == states[0.2]
+    for name in ("finetune", "val_finetune"):
+        with_reading = written[0.2][name]
+        reading = [r for r in with_reading if r["id"].removeprefix("val_").startswith("read-")]
+        assert [r for r in with_reading if r not in reading] == written[0.0][name]
+        assert abs(len(reading) / len(with_reading) - 0.2) < 0.01

@@ -51,6 +51,7 @@ from llava_lit.world.config import WorldConfig
 from llava_lit.world.dialogues import (
     align_record,
     eval_questions,
+    exist_reading_records,
     finetune_records,
     lm_documents,
     text_only_records,
@@ -245,6 +246,12 @@ def _write_records(
             r["id"] = f"{prefix}{r['id']}"
         tuned += text
         rng.shuffle(tuned)
+        # Drawn from their own stream, so every other record and the held-out questions stay as they were.
+        reading_rng = random.Random(f"{cfg.seed}-exist-reading-{split}")
+        n_reading = round(len(tuned) * cfg.exist_reading_fraction / (1 - cfg.exist_reading_fraction))
+        for r in exist_reading_records(group, n_reading, cfg, reading_rng):
+            r["id"] = f"{prefix}{r['id']}"
+            tuned.insert(reading_rng.randrange(len(tuned) + 1), r)
         records[f"{prefix}finetune"] = tuned
     folder.mkdir(parents=True, exist_ok=True)
     for name, recs in records.items():

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-WORLD_FORMAT_VERSION = 8
+WORLD_FORMAT_VERSION = 9
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
 
 
@@ -97,6 +97,12 @@ class WorldConfig:
 
     text_only_fraction: float = 0.05
     """Share of stage-2 records that are text-only (no image), as in LLaVA's mixed instruction data."""
+
+    exist_reading_fraction: float = 0.12
+    """Share of stage-2 records that state a scene in words and ask existence questions about it (text only).
+
+    See `dialogues.exist_reading_records`: practice of the existence verdict's comparison without an image.
+    """
 
     detail_fraction: float = 0.3
     """Probability that a training scene also gets a detailed-description record in stage 2."""

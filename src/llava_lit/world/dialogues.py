@@ -347,6 +347,34 @@ def text_only_records(n: int, cfg: WorldConfig, rng: random.Random) -> list[dict
     return records
 
 
+def exist_reading_records(
+    scenes: list[Scene], n: int, cfg: WorldConfig, rng: random.Random, turns: int = 4
+) -> list[dict]:
+    """`n` text-only stage-2 records that give a scene in words (its caption) and ask existence questions about it.
+
+    The existence answer names the colors of the asked shape, then compares them with the asked color ("The
+    square is blue, so no."). The look-up is what the image is for; the comparison is text alone, and it is what
+    stage 2 learned least reliably (runs that named the right colors gave the opposite verdict in a quarter to
+    a third of their answers). These records practise the comparison on a scene the text states, as LLaVA's
+    text-only instruction data practises language skills, without an image's 49 tokens per sample.
+    """
+    records = []
+    for i in range(n):
+        scene = rng.choice(scenes)
+        asked: dict[str, QA] = {}
+        for _ in range(3 * turns):  # distinct questions; a one-object scene may offer fewer
+            qa = exist_qa(scene, cfg, rng)
+            asked.setdefault(qa.question, qa)
+            if len(asked) == turns:
+                break
+        record = {
+            "id": f"read-{i:06d}",
+            "conversations": _turns(list(asked.values()), f"{caption(scene)}.\n"),
+        }
+        records.append(record)
+    return records
+
+
 def eval_questions(
     scenes: list[Scene], cfg: WorldConfig, rng: random.Random
 ) -> tuple[list[dict], list[dict]]:
