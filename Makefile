@@ -39,8 +39,9 @@ format: install  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-bench: install  ## data-pipeline and prediction benchmarks (print numbers)
+bench: install  ## data-pipeline and stage-2 step benchmarks (print numbers; the step one builds the world if missing)
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:  ## remove run outputs and caches (keeps .venv and the built world)
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -8,8 +8,9 @@ It runs the three commands of the miniature world's recipe, each as its own proc
 
 with one change on the CPU: the evaluation's no-stage-1 ablation (a second finetune, from a fresh projector) trains
 beside the finetune, each on half the cores, instead of inside `evaluate` after it. The tiny model uses a second
-core poorly (a stage-2 step is only 1.4-1.6x faster on 2 threads than on 1): on 2 cores the two took 760 s side by
-side against 442 s + 522 s one after the other (docs/benchmarks.md). On other accelerators the steps run one
+core poorly: eager, the two took 760 s side by side against 442 s + 522 s one after the other; with the decoder
+layers compiled, two 1-thread finetunes ran at 88 + 74 samples/s against 107 for one on 2 threads
+(docs/benchmarks.md). On other accelerators the steps run one
 after the other. The finetune prints to the console, the ablation to
 `<output_root>/<run_name>_no_stage1/finetune/console.log`. A failed step stops the demo with its exit code; the
 wall time of each step is printed at the end.

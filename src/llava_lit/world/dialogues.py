@@ -187,7 +187,8 @@ def exist_qa(scene: Scene, cfg: WorldConfig, rng: random.Random) -> QA:
     there" scored 75 %, and runs that learned the look-up still answered "The square is blue, so yes." to "Is
     there a yellow square?" in half of those cases; at 40 % that shortcut is worth 60 % and the verdict followed
     the named colors in every answer of the run measured (docs/benchmarks.md). Answers that open with the verdict
-    ("No, there is no red circle.") were learned in 2 of 6 runs of an earlier default.
+    ("No, there is no red circle.") were learned in 2 of 6 runs of an earlier default. The comparison itself is
+    practised on text too (`exist_reading_records`).
     """
     present = {(o.color, o.shape) for o in scene.objects}
     draw = rng.random()
