@@ -26,17 +26,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def measure(threads: int, compiled: bool, steps: int, overrides: list[str]) -> dict:
     """One variant, in this process: seconds of the first two steps and the mean of the rest."""
     import torch
-    from omegaconf import OmegaConf
 
     from llava_lit.module import compile_decoder_layers, next_token_loss
-    from llava_lit.train import build_components
-    from llava_lit.world.build import WorldConfig, ensure_world
+    from llava_lit.train import build_components, ensure_world_if_used
     from llava_lit.world.evaluate import compose_train
 
     torch.set_num_threads(threads)
     cfg = compose_train(["stage=finetune", "init_projector=null", *overrides])
-    settings = OmegaConf.to_container(cfg.world, resolve=True)
-    ensure_world(cfg.paths.world_dir, WorldConfig.preset(settings.pop("preset", "default"), **settings))
+    ensure_world_if_used(cfg)
     module, datamodule = build_components(cfg)
     datamodule.setup("fit")
     batches = iter(datamodule.train_dataloader())

@@ -88,6 +88,16 @@ def uses_world(cfg: DictConfig) -> bool:
     return world_dir in resolved
 
 
+def ensure_world_if_used(cfg: DictConfig) -> None:
+    """Build (or reuse) the miniature world the config's `world` node describes, when the run points into it."""
+    if not uses_world(cfg):
+        return
+    from llava_lit.world.build import WorldConfig, ensure_world
+
+    settings = OmegaConf.to_container(cfg.world, resolve=True)
+    ensure_world(Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings))
+
+
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run configuration, without the `hydra` node (launcher state, absent under `@hydra.main`)."""
     return {
@@ -207,13 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("torch threads: %d", set_cpu_threads(cfg))
     warn_if_cpu_lacks_bf16(cfg)
     check_wandb(cfg)
-    if uses_world(cfg):
-        from llava_lit.world.build import WorldConfig, ensure_world
-
-        settings = OmegaConf.to_container(cfg.world, resolve=True)
-        ensure_world(
-            Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings)
-        )
+    ensure_world_if_used(cfg)
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
