@@ -149,12 +149,41 @@ def test_exist_reading_records_state_the_scene_and_answer_from_it():
 
 
 def all_qas_exist_answer(scene, color, shape):
-    """The answer `exist_qa` gives to "Is there a {color} {shape}?" about `scene`, found by drawing until asked."""
-    for seed in range(500):
-        qa = all_qas(scene, CFG, random.Random(seed))["exist"][0]
-        if qa.question.removesuffix("?").split(" ")[-2:] == [color, shape]:
-            return qa.answer
-    raise AssertionError(f"exist_qa never asked for a {color} {shape}")
+    """The answer to "Is there a {color} {shape}?" about `scene`, written out from its objects in reading order."""
+    order = ["top", "left", "center", "right", "bottom"]
+    colors = [
+        o.color for o in sorted(scene.objects, key=lambda o: order.index(o.position)) if o.shape == shape
+    ]
+    verdict = "yes" if color in colors else "no"
+    if not colors:
+        return f"There is no {shape}, so no."
+    if len(colors) == 1:
+        return f"The {shape} is {colors[0]}, so {verdict}."
+    return f"The {shape}s are {', '.join(colors[:-1])} and {colors[-1]}, so {verdict}."
+
+
+def test_conversations_ask_where_each_object_of_a_shared_shape_is():
+    """Both circles of SCENE are asked about in every conversation (once each); a scene of unique shapes adds none."""
+    for seed in range(30):
+        conv = finetune_records(SCENE, "train/t-0.png", CFG, random.Random(seed))[0]["conversations"]
+        questions = [t["value"].removeprefix("<image>\n") for t in conv[::2]]
+        answers = dict(zip(questions, [t["value"] for t in conv[1::2]], strict=True))
+        assert answers["Where is the red circle?"] == "The red circle is on the left."
+        assert answers["Where is the orange circle?"] == "The orange circle is at the top."
+        assert len(questions) == len(set(questions))
+        assert sum(q.startswith("Where is the") for q in questions) <= 3
+    unique = Scene(
+        "t-3", "gray", (128, 128, 128), (obj("circle", "red", "left"), obj("square", "blue", "top"))
+    )
+    for seed in range(30):
+        plain = WorldConfig.ci(position_contrast=False)
+        with_contrast = finetune_records(unique, "x.png", CFG, random.Random(seed))
+        assert with_contrast == finetune_records(unique, "x.png", plain, random.Random(seed))
+        # With a shared shape the added turns draw nothing: the records that follow are unchanged.
+        rng, plain_rng = random.Random(seed), random.Random(seed)
+        finetune_records(SCENE, "x.png", CFG, rng)
+        finetune_records(SCENE, "x.png", plain, plain_rng)
+        assert rng.random() == plain_rng.random()
 
 
 def test_single_object_scene_counts_and_articles():
