@@ -124,6 +124,7 @@ class LlavaLitModule(L.LightningModule):
         self.compile_blocks = compile_blocks
         self.run_config = run_config or {}
         self._last_step_end: float | None = None
+        # Lightning calls configure_model again for each later fit/validate/predict: compile only once.
         self._blocks_compiled = False
 
     # -- model ----------------------------------------------------------------------------------------------

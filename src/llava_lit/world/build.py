@@ -240,23 +240,26 @@ def _write_records(
             align_record(s, img, rng, cfg.align_mixed_orders) for s, img in zip(group, images, strict=True)
         ]
         tuned = [r for s, img in zip(group, images, strict=True) for r in finetune_records(s, img, cfg, rng)]
-        n_text = round(len(tuned) * cfg.text_only_fraction / (1 - cfg.text_only_fraction))
-        text = text_only_records(n_text, cfg, rng)
-        for r in text:
-            r["id"] = f"{prefix}{r['id']}"
-        tuned += text
+        tuned += text_only_records(_share(len(tuned), cfg.text_only_fraction), cfg, rng)
         rng.shuffle(tuned)
         # Drawn from their own stream, so every other record and the held-out questions stay as they were.
         reading_rng = random.Random(f"{cfg.seed}-exist-reading-{split}")
-        n_reading = round(len(tuned) * cfg.exist_reading_fraction / (1 - cfg.exist_reading_fraction))
+        n_reading = _share(len(tuned), cfg.exist_reading_fraction)
         for r in exist_reading_records(group, n_reading, cfg, reading_rng):
-            r["id"] = f"{prefix}{r['id']}"
             tuned.insert(reading_rng.randrange(len(tuned) + 1), r)
+        for r in tuned:
+            if "image" not in r:  # text-only ids are numbered per split: keep the two splits' ids apart
+                r["id"] = f"{prefix}{r['id']}"
         records[f"{prefix}finetune"] = tuned
     folder.mkdir(parents=True, exist_ok=True)
     for name, recs in records.items():
         (folder / f"{name}.json").write_text(json.dumps(recs, indent=1))
     return records
+
+
+def _share(n_others: int, fraction: float) -> int:
+    """How many records to add to `n_others` so that the added ones make up `fraction` of all."""
+    return round(n_others * fraction / (1 - fraction))
 
 
 def _write_shards(records: dict[str, list[dict]], cfg: WorldConfig, out: Path, advance) -> dict:
