@@ -77,6 +77,22 @@ def test_kv_cache_and_no_cache_agree(tiny_bundle):
     assert [c.token_ids for c in cached] == [c.token_ids for c in uncached]
 
 
+def test_decoding_runs_eagerly_where_training_compiled_the_decoder_layers(tiny_checkpoint, tiny_bundle):
+    """The sample-answer callback decodes with the training module's compiled layers: nothing may compile."""
+    from torch._dynamo.utils import counters
+
+    from llava_lit.module import compile_decoder_layers
+
+    compiled = load_for_inference(tiny_checkpoint)
+    compile_decoder_layers(compiled.model)
+    params = SamplingParams(max_new_tokens=8)
+    before = sum(counters["frames"].values())
+    answers = compiled.generator().generate(_prompts(compiled), params)
+    assert sum(counters["frames"].values()) == before  # no frame went to Dynamo
+    expected = tiny_bundle.generator().generate(_prompts(tiny_bundle), params)
+    assert [c.token_ids for c in answers] == [c.token_ids for c in expected]
+
+
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_bundle):
     gen = tiny_bundle.generator()
     prompts = _prompts(tiny_bundle)[:2]

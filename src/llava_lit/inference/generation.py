@@ -191,19 +191,23 @@ class Generator:
 
         lm = self.model.language_model
         # Prefill: splice the images in, keep only the last position's logits (the full [B, L, V] is large).
+        # Every forward here runs eagerly, also where training compiled the decoder layers
+        # (`module.compile_blocks`): the KV cache's strides change at every step, and recompiling for them took
+        # 32 s of the first 64 world sample answers on one CPU thread, until Dynamo's recompile limit; eager, 0.3 s.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        if use_cache:
-            embeds = self.model.embed_inputs(input_ids, pixel_values)  # [B, L, D]
-            out = lm(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.cache
-        else:
-            out = self.model(input_ids, attention_mask, pixel_values)
+        with torch.compiler.set_stance("force_eager"):
+            if use_cache:
+                embeds = self.model.embed_inputs(input_ids, pixel_values)  # [B, L, D]
+                out = lm(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache = out.cache
+            else:
+                out = self.model(input_ids, attention_mask, pixel_values)
         logits = out.logits[:, -1]  # [B, V]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
@@ -229,18 +233,19 @@ class Generator:
             # One step: append the new tokens; finished rows keep decoding pad tokens that nobody reads.
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)  # [B, L + t]
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)[:, None]], dim=1)
-            if use_cache:
-                step_positions = attention_mask.sum(-1, keepdim=True) - 1  # [B, 1]
-                out = lm(
-                    input_ids=next_tokens[:, None],
-                    attention_mask=attention_mask,
-                    position_ids=step_positions,
-                    cache=cache,
-                    use_cache=True,
-                )
-                cache = out.cache
-            else:
-                out = self.model(input_ids, attention_mask, pixel_values)
+            with torch.compiler.set_stance("force_eager"):
+                if use_cache:
+                    step_positions = attention_mask.sum(-1, keepdim=True) - 1  # [B, 1]
+                    out = lm(
+                        input_ids=next_tokens[:, None],
+                        attention_mask=attention_mask,
+                        position_ids=step_positions,
+                        cache=cache,
+                        use_cache=True,
+                    )
+                    cache = out.cache
+                else:
+                    out = self.model(input_ids, attention_mask, pixel_values)
             logits = out.logits[:, -1]
 
 
