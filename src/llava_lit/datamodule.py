@@ -10,7 +10,8 @@ one shard (fewer shards than workers is fine), and the epoch length is known in 
 Inside a worker, raw samples pass a seeded shuffle buffer, then are decoded explicitly (JSON, PIL), encoded
 (`tokenization.encode_conversation`) and batched (`collate.collate`). With `group_by_length`, the samples of
 each optimizer step (its accumulated micro-batches) are sorted by length before they are cut into
-micro-batches: the step sees the same samples, padded less. A sample that must be skipped (no buildable mask,
+micro-batches: the step sees the same samples, padded less; `length_group_steps` sorts several steps' samples
+together (for runs without accumulation). A sample that must be skipped (no buildable mask,
 undecodable image) is counted per reason and logged; to keep batch counts equal the worker then repeats one of
 its earlier samples at the end of its share (counted as `repeated_to_fill`).
 """
@@ -213,6 +214,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         counter: SkipCounter,
         length_group: int = 1,
+        mix_group_batches: bool = False,
     ) -> None:
         self.sources = list(sources)
         self.encoder = encoder
@@ -228,6 +230,9 @@ class ShardStream(IterableDataset):
             raise ValueError(f"length_group must be >= 1 batch, got {length_group}")
         self.length_group = length_group
         """Consecutive batches of a worker whose samples are sorted by length before batching (1 = stream order)."""
+        self.mix_group_batches = mix_group_batches
+        """Deliver each group's batches in a seeded random order instead of shortest first (groups that span
+        several optimizer steps: otherwise every group would run from short to long batches)."""
         self.epoch = 0
         self.resume_batches = 0
         """Batches of the current epoch already consumed before a mid-epoch resume; skipped on the next pass."""
@@ -320,6 +325,10 @@ class ShardStream(IterableDataset):
         samples = self._good_samples(segments, rng, worker, skip=done_groups * group_samples)
         for index, group in enumerate(_chunks(samples, group_samples), start=done_groups):
             batches = self._group_batches(group)
+            if self.mix_group_batches:  # seeded by the group, so a resumed run rebuilds the same order
+                random.Random(hash((self.seed, self.epoch, self.rank, worker, index)) & 0xFFFFFFFF).shuffle(
+                    batches
+                )
             for batch in batches[done_batches if index == done_groups else 0 :]:
                 yield collate(batch, self.pad_token_id)
 
@@ -415,6 +424,7 @@ class LlavaDataModule(L.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         pin_memory: bool = True,
         group_by_length: bool = False,
+        length_group_steps: int = 1,
         cache_samples: bool = False,
         accumulate_grad_batches: int = 1,
         world_size: int | None = None,
@@ -439,6 +449,9 @@ class LlavaDataModule(L.LightningDataModule):
             micro-batches, so each pads to a near-equal length while the step's samples stay a random draw
             (what LLaVA's `group_by_modality_length` achieves across GPUs). Needs gradient accumulation to
             do anything; exact when `accumulate_grad_batches` is a multiple of `num_workers`.
+        length_group_steps: with `group_by_length`, sort the samples of this many optimizer steps together (the
+            megabatch of HF's `LengthGroupedSampler`), so it pads less without gradient accumulation too; the
+            group's batches then go to its steps in a seeded random order. 1 = each step on its own.
         cache_samples: keep every encoded sample (token ids, labels, image tensors) in memory after its first
             use, so later epochs skip tokenizing and decoding (`CachingEncoder`). For small datasets read with
             `num_workers=0`: worker processes are re-created each epoch and would lose the cache.
@@ -464,6 +477,9 @@ class LlavaDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.pin_memory = pin_memory
         self.group_by_length = group_by_length
+        if length_group_steps < 1:
+            raise ValueError(f"length_group_steps must be >= 1, got {length_group_steps}")
+        self.length_group_steps = length_group_steps
         if cache_samples and num_workers > 0:
             raise ValueError(
                 f"cache_samples needs num_workers=0 (got {num_workers}): DataLoader workers are re-created "
@@ -540,19 +556,20 @@ class LlavaDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             counter=self._counter,
             length_group=self._length_group() if shuffle else 1,  # validation: stream order, comparable loss
+            mix_group_batches=shuffle and self.group_by_length and self.length_group_steps > 1,
         )
         stream.num_workers = self.num_workers
         return stream
 
     def _length_group(self) -> int:
-        """Batches per length-sorted group in one worker: that worker's share of an optimizer step.
+        """Batches per length-sorted group in one worker: that worker's share of `length_group_steps` steps.
 
         The DataLoader hands out worker batches in turn, so with accumulation A and W workers each step holds
         A / W consecutive batches of every worker.
         """
         if not self.group_by_length:
             return 1
-        return max(1, self.accumulate_grad_batches // max(1, self.num_workers))
+        return max(1, self.accumulate_grad_batches // max(1, self.num_workers)) * self.length_group_steps
 
     def _next_epoch(self) -> int:
         if self.trainer is not None:

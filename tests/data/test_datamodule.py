@@ -168,6 +168,38 @@ def test_group_by_length_sorts_each_step_and_keeps_its_samples(shards, llama_tok
     assert [b["ids"] for b in loader] == [b["ids"] for b in batches[4:]]
 
 
+def test_length_groups_of_several_steps_without_accumulation(shards, llama_tokenizer, clip_processor_56):
+    # Micro-batches of 4, no accumulation, 3 steps sorted together: each group's 12 samples are those of the
+    # ungrouped run's 3 batches, cut by length, and its batches come in a seeded order.
+    def dm(**kw):
+        out = make_dm(shards, llama_tokenizer, clip_processor_56, num_workers=0, **kw)
+        out.setup("fit")
+        return out
+
+    plain, grouped = run_epoch(dm()), run_epoch(dm(group_by_length=True, length_group_steps=3))
+    assert len(grouped) == len(plain) == 10
+    for start in range(0, 10, 3):
+        group = grouped[start : start + 3]
+        assert sorted(i for b in group for i in b["ids"]) == sorted(
+            i for b in plain[start : start + 3] for i in b["ids"]
+        )
+        spans = sorted((min(n), max(n)) for n in (b["attention_mask"].sum(1).tolist() for b in group))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # disjoint length ranges
+    assert sum(b["attention_mask"].numel() for b in grouped) < sum(b["attention_mask"].numel() for b in plain)
+    # Not shortest first in every group (that would make each group's steps run from short to long samples).
+    starts = [[int(b["attention_mask"].sum(1).min()) for b in grouped[s : s + 3]] for s in range(0, 9, 3)]
+    assert any(group != sorted(group) for group in starts), starts
+    assert [b["ids"] for b in run_epoch(dm(group_by_length=True, length_group_steps=3))] == [
+        b["ids"] for b in grouped
+    ]
+    resumed = dm(group_by_length=True, length_group_steps=3)
+    loader = resumed.train_dataloader()
+    loader.resume_fn = lambda: 4  # inside the second group
+    assert [b["ids"] for b in loader] == [b["ids"] for b in grouped[4:]]
+    with pytest.raises(ValueError, match="length_group_steps"):
+        dm(length_group_steps=0)
+
+
 def test_fewer_shards_than_workers(llava_dataset, llama_tokenizer, clip_processor_56, tmp_path):
     convert(llava_dataset["json"], llava_dataset["images"], tmp_path, samples_per_shard=100, progress=False)
     counts = []
