@@ -297,8 +297,8 @@ def same_shape_position_qas(scene: Scene, position_qas: list[QA]) -> list[QA]:
     (docs/benchmarks.md). No random draw, so every other record stays as it was.
     """
     shared = {o.shape for o in scene.objects if sum(p.shape == o.shape for p in scene.objects) > 1}
-    by_object = dict(zip(scene.objects, position_qas, strict=True))
-    return [by_object[o] for o in ordered(scene) if o.shape in shared]
+    by_slot = {qa.key: qa for qa in position_qas}  # one object per slot
+    return [by_slot[o.position] for o in ordered(scene) if o.shape in shared]
 
 
 def finetune_records(scene: Scene, image: str, cfg: WorldConfig, rng: random.Random) -> list[dict]:
