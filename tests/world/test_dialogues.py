@@ -144,11 +144,11 @@ def test_exist_reading_records_state_the_scene_and_answer_from_it():
         for question, answer in zip(questions, [t["value"] for t in turns[1::2]], strict=True):
             assert question.startswith("Is there ")
             color, shape = question.removesuffix("?").split(" ")[-2:]
-            assert answer == all_qas_exist_answer(scene, color, shape)
+            assert answer == expected_exist_answer(scene, color, shape)
             assert answer.endswith(", so yes." if (color, shape) in present else ", so no.")
 
 
-def all_qas_exist_answer(scene, color, shape):
+def expected_exist_answer(scene, color, shape):
     """The answer to "Is there a {color} {shape}?" about `scene`, written out from its objects in reading order."""
     order = ["top", "left", "center", "right", "bottom"]
     colors = [
