@@ -314,7 +314,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         segments = self.worker_segments(worker, num_workers)
-        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
+        rng = self._rng(worker)
         # Resuming mid-epoch: the groups this worker already delivered in full are passed over as raw samples
         # (the shuffle buffer still sees them, so the order is the one of the interrupted run, but nothing is
         # decoded); of the group it was in, the batches it delivered are rebuilt and dropped. Exact unless
@@ -326,11 +326,13 @@ class ShardStream(IterableDataset):
         for index, group in enumerate(_chunks(samples, group_samples), start=done_groups):
             batches = self._group_batches(group)
             if self.mix_group_batches:  # seeded by the group, so a resumed run rebuilds the same order
-                random.Random(hash((self.seed, self.epoch, self.rank, worker, index)) & 0xFFFFFFFF).shuffle(
-                    batches
-                )
+                self._rng(worker, index).shuffle(batches)
             for batch in batches[done_batches if index == done_groups else 0 :]:
                 yield collate(batch, self.pad_token_id)
+
+    def _rng(self, worker: int, *parts: int) -> random.Random:
+        """A random stream fixed by (seed, epoch, rank, worker, *parts): the same in a resumed run."""
+        return random.Random(hash((self.seed, self.epoch, self.rank, worker, *parts)) & 0xFFFFFFFF)
 
     def _good_samples(
         self, segments: Sequence[Segment], rng: random.Random, worker: int, skip: int
