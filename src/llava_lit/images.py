@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +19,8 @@ import torch
 from PIL import Image, ImageOps
 
 AspectMode = Literal["pad", "crop", "resize"]
+ASPECT_MODES: tuple[str, ...] = typing.get_args(AspectMode)
+"""The accepted `image_aspect` values."""
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Default bound on width × height before decoding (a 8000×8000 photo passes; decompression bombs do not)."""
@@ -134,7 +137,7 @@ class ImageLoader:
     """Images with more pixels than this are rejected before decoding."""
 
     def __post_init__(self) -> None:
-        if self.aspect not in ("pad", "crop", "resize"):
+        if self.aspect not in ASPECT_MODES:
             raise ValueError(f"image aspect must be pad, crop or resize, got {self.aspect!r}")
         self._fill = mean_fill_color(self.image_processor)
         self._size = processor_output_size(self.image_processor)

@@ -110,8 +110,9 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
     """Tokenizer, model (with its starting weights), datamodule and LightningModule from the config.
 
-    `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours): its model node
-    replaces `cfg.model`, so checkpoints of this run record what was actually trained.
+    `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours): its model settings
+    (read as checked data, never instantiated) replace `cfg.model`, so checkpoints of this run record what was
+    actually trained.
     """
     pretrained = None
     if cfg.get("init_from"):
@@ -119,7 +120,7 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
 
         pretrained = load_pretrained_llava(cfg.init_from)
         with open_dict(cfg):
-            cfg.model = OmegaConf.create(pretrained.model_config)
+            cfg.model = OmegaConf.create(pretrained.config.to_node())
         for key in ("template", "image_aspect"):
             theirs = getattr(pretrained, key)
             if theirs is not None and theirs != cfg.data[key]:
@@ -132,9 +133,11 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
                 )
     tokenizer_src = cfg.model.get("tokenizer_name_or_path") or cfg.model.language_model.name_or_path
     tokenizer = load_tokenizer(tokenizer_src, model_max_length=cfg.data.max_length)
-    model = instantiate(cfg.model, tokenizer=tokenizer)
     if pretrained is not None:
+        model = pretrained.config.build(tokenizer)
         pretrained.load_into(model)
+    else:
+        model = instantiate(cfg.model, tokenizer=tokenizer)
     if cfg.init_projector and not cfg.ckpt_path:
         path = Path(cfg.init_projector)
         if not path.is_file():

@@ -3,7 +3,9 @@
 A training checkpoint carries `llava_lit_config`, the resolved run config: its `model` node rebuilds the
 architecture and names the tokenizer, its `data` node names the chat template, the image aspect mode and the
 training length. Nothing is inferred from a folder name (the official loader's template and model-class choice
-by directory name is a known source of silent errors). Two training checkpoint forms are read:
+by directory name is a known source of silent errors). The stored config is data: it is checked field by field
+(`LlavaModelConfig.from_data`, `checked_data_settings`) and the model is built by fixed code, so a checkpoint
+that names a `_target_` is refused, never run (`llava_lit.untrusted`). Two training checkpoint forms are read:
 
 - a Lightning checkpoint file (`*.ckpt`): weights under `state_dict` as `model.<LlavaModel key>`;
 - an FSDP2 distributed checkpoint directory (`.metadata`, shards, `meta.pt`): the run config comes from
@@ -25,6 +27,7 @@ loader's projector weights).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,16 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from transformers import PreTrainedTokenizerBase
 
-from llava_lit.conversation import ChatTemplate, get_template
-from llava_lit.images import ImageLoader
+from llava_lit.conversation import TEMPLATES, ChatTemplate, get_template
+from llava_lit.images import ASPECT_MODES, ImageLoader
 from llava_lit.inference.generation import Generator
 from llava_lit.inference.prompts import Prompt, build_prompt
-from llava_lit.model import LlavaModel
+from llava_lit.model import LlavaModel, LlavaModelConfig
 from llava_lit.model.dtypes import parse_dtype
 from llava_lit.tokenization import load_tokenizer
+from llava_lit.untrusted import ConfigRefused, check_plain_data
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +251,7 @@ def _build_imported(
     model, tokenizer = pretrained.build()
     run_config = {
         "run_name": Path(source).name or source,
-        "model": pretrained.model_config,
+        "model": pretrained.config.to_node(),
         "data": {"template": chosen, "image_aspect": aspect, "system_prompt": pretrained.system_prompt},
         "imported": {"source": source, "kind": pretrained.kind},
     }
@@ -285,25 +288,58 @@ def _finish(
 
 
 def _run_config(checkpoint: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The run config stored in a training checkpoint, checked to be plain data of the expected shape."""
     config = checkpoint.get("llava_lit_config")
-    if not config or "model" not in config or "data" not in config:
+    if not isinstance(config, Mapping) or "model" not in config or "data" not in config:
         raise ValueError(
             f"{path} has no 'llava_lit_config' with 'model' and 'data' nodes: it was not written by llava_lit's "
             "training, so the model, tokenizer and template cannot be rebuilt from it"
         )
-    return copy.deepcopy(dict(config))
+    config = copy.deepcopy(dict(config))
+    config["model"] = LlavaModelConfig.from_data(config["model"], source=str(path)).to_node()
+    config["data"] = {**config["data"], **checked_data_settings(config["data"], source=str(path))}
+    return config
+
+
+def checked_data_settings(data: Any, *, source: str) -> dict[str, Any]:
+    """The data settings inference needs (`template`, `system_prompt`, `image_aspect`, `max_length`), read from a
+    file's run config and checked: plain values of the right type, a known template and aspect mode."""
+    where = f"{source}: data"
+    if not isinstance(data, Mapping):
+        raise ConfigRefused(f"{where} must be a mapping of settings, got {type(data).__name__}")
+    out = {key: check_plain_data(data.get(key), f"{where}.{key}") for key in INFERENCE_DATA_KEYS}
+    if out["template"] not in TEMPLATES:
+        raise ConfigRefused(
+            f"{where}.template = {out['template']!r:.80}; known templates: {sorted(TEMPLATES)}"
+        )
+    if out["system_prompt"] is not None and not isinstance(out["system_prompt"], str):
+        raise ConfigRefused(f"{where}.system_prompt must be a string or null")
+    if out["image_aspect"] is None:
+        out["image_aspect"] = "pad"
+    if out["image_aspect"] not in ASPECT_MODES:
+        raise ConfigRefused(
+            f"{where}.image_aspect = {out['image_aspect']!r:.80}; allowed: {list(ASPECT_MODES)}"
+        )
+    if out["max_length"] is not None and (
+        isinstance(out["max_length"], bool) or not isinstance(out["max_length"], int)
+    ):
+        raise ConfigRefused(f"{where}.max_length must be an integer or null")
+    return out
+
+
+INFERENCE_DATA_KEYS = ("template", "system_prompt", "image_aspect", "max_length")
+"""The `data` settings of a run config that inference reads."""
 
 
 def _build(run_config: Mapping[str, Any]) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
-    """The tokenizer and the model architecture from the run config; LLM weights come from the checkpoint."""
-    model_cfg = copy.deepcopy(dict(run_config["model"]))
-    tokenizer_src = model_cfg.get("tokenizer_name_or_path") or model_cfg["language_model"]["name_or_path"]
-    tokenizer = load_tokenizer(str(tokenizer_src))
+    """The tokenizer and the model architecture from the (checked) run config; weights come from the checkpoint."""
+    config = LlavaModelConfig.from_data(run_config["model"], source="run config")
+    tokenizer = load_tokenizer(config.tokenizer_source)
     # The checkpoint holds every LLM weight: build the architecture only instead of loading the base weights.
-    model_cfg["language_model"] = {**model_cfg["language_model"], "pretrained": False}
-    model_cfg["_convert_"] = "all"
-    model = instantiate(model_cfg, tokenizer=tokenizer)
-    return model, tokenizer
+    config = dataclasses.replace(
+        config, language_model=dataclasses.replace(config.language_model, pretrained=False)
+    )
+    return config.build(tokenizer), tokenizer
 
 
 def _load_weights(model: LlavaModel, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -20,7 +20,8 @@ from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaConfig
 from llava_lit.conversation import TEMPLATES, get_template
 from llava_lit.interop.chat_template import system_prompt_of, to_jinja
 from llava_lit.interop.checkpoint_files import read_state_dict
-from llava_lit.interop.pretrained import BUILD_TARGET, PretrainedLlava, write_json
+from llava_lit.interop.pretrained import PretrainedLlava, read_config_json, write_json
+from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.tokenization import image_token_id, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def _recorded_template(tokenizer: Any) -> tuple[str | None, str | None]:
 
 def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
     """A transformers LLaVA folder -> `PretrainedLlava` (backbone configs written under `workdir`)."""
+    read_config_json(folder / "config.json")  # plain data only, before transformers reads it
     config = LlavaConfig.from_pretrained(str(folder))
     _check_supported(config, folder)
     tokenizer = load_tokenizer(str(folder))
@@ -142,13 +144,13 @@ def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
     if head not in state and config.text_config.tie_word_embeddings:
         state[head] = state[embed]  # tied: saved once
     template, system_prompt = _recorded_template(tokenizer)
-    return PretrainedLlava(
-        model_config={
-            "_target_": BUILD_TARGET,
+    # config.json is data: its values are checked field by field, and the builder is fixed.
+    model_config = LlavaModelConfig.from_data(
+        {
             "vision_tower": {
                 "name_or_path": str(vision_dir),
                 "backend": "hf_clip",
-                "feature_layer": int(config.vision_feature_layer),
+                "feature_layer": config.vision_feature_layer,
                 "select_feature": "patch"
                 if config.vision_feature_select_strategy == "default"
                 else "cls_patch",
@@ -158,6 +160,10 @@ def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
             "language_model": {"name_or_path": str(llm_dir), "pretrained": False},
             "tokenizer_name_or_path": str(folder),
         },
+        source=str(folder / "config.json"),
+    )
+    return PretrainedLlava(
+        config=model_config,
         state_dict=state,
         pretrained_parts=(),
         kind="hf",

@@ -9,7 +9,6 @@ loaded from that checkpoint. `config.json` is a `LlamaConfig` plus the `mm_*` fi
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 
 from llava_lit.interop.checkpoint_files import read_state_dict
-from llava_lit.interop.pretrained import BUILD_TARGET, PretrainedLlava, write_json
+from llava_lit.interop.pretrained import PretrainedLlava, read_config_json, write_json
+from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.projector_io import read_projector_weights
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,16 @@ def import_official(
     folder: Path, workdir: Path, *, source: str, projector_file: Path | None = None
 ) -> PretrainedLlava:
     """An official full checkpoint folder, or its stage-1 folder (`config.json` + `mm_projector.bin`)."""
-    config = json.loads((folder / "config.json").read_text())
+    config_path = folder / "config.json"
+    config = read_config_json(config_path)  # plain data only: a target or interpolation anywhere is refused
     _check_supported(config, folder)
     if "mm_vision_tower" not in config:
         raise ValueError(
             f"{folder}/config.json has no mm_vision_tower: the CLIP tower it was trained with is unknown"
         )
     projector = config.get("mm_projector_type", "linear")  # the official default (LLaVA v1)
-    aspect = IMAGE_ASPECTS.get(config.get("image_aspect_ratio", "square"))
+    aspect_ratio = config.get("image_aspect_ratio", "square")
+    aspect = IMAGE_ASPECTS.get(aspect_ratio) if isinstance(aspect_ratio, str) else None
     if aspect is None:
         raise ValueError(
             f"{folder}: image_aspect_ratio {config.get('image_aspect_ratio')!r} is not supported"
@@ -137,7 +139,7 @@ def import_official(
     vision_node: dict[str, Any] = {
         "name_or_path": config["mm_vision_tower"],
         "backend": "hf_clip",
-        "feature_layer": int(config.get("mm_vision_select_layer", -1)),
+        "feature_layer": config.get("mm_vision_select_layer", -1),
         "select_feature": config.get("mm_vision_select_feature", "patch"),
     }
     notes: list[str] = []
@@ -164,14 +166,18 @@ def import_official(
         lm_node = {"name_or_path": str(llm_dir), "pretrained": False}
         tokenizer = str(folder)
         kind = "official"
-    return PretrainedLlava(
-        model_config={
-            "_target_": BUILD_TARGET,
+    # config.json is data: its values are checked field by field, and the builder is fixed.
+    model_config = LlavaModelConfig.from_data(
+        {
             "vision_tower": vision_node,
             "projector": projector,
             "language_model": lm_node,
             "tokenizer_name_or_path": tokenizer,
         },
+        source=str(config_path),
+    )
+    return PretrainedLlava(
+        config=model_config,
         state_dict=state,
         pretrained_parts=(
             ("vision_tower.", "language_model.")

@@ -8,10 +8,11 @@
 - one of our training checkpoints (Lightning `.ckpt` file or FSDP2 directory),
 - or a hub id of the first three (resolved through the local Hugging Face cache / hub).
 
-It returns a `PretrainedLlava`: a `model` config node for `build_llava` (the same shape as `conf/model/*.yaml`) and a
-state dict in `LlavaModel`'s key layout, plus what the source says about data handling (template, image aspect).
-Backbone configs that the source only holds inside its own `config.json` are written as small standalone folders
-under `workdir`, so the node is an ordinary, reusable model config.
+It returns a `PretrainedLlava`: the model's settings (`LlavaModelConfig`, the same fields as `conf/model/*.yaml`)
+and a state dict in `LlavaModel`'s key layout, plus what the source says about data handling (template, image
+aspect). Backbone configs that the source only holds inside its own `config.json` are written as small standalone
+folders under `workdir`, so the settings are an ordinary, reusable model config. Whatever a source's files say is
+data: the settings are checked by `LlavaModelConfig.from_data` and built by fixed code, never instantiated.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llava_lit.model.llava import LlavaModel, build_llava
+from llava_lit.model.llava import LlavaModel, LlavaModelConfig
 from llava_lit.tokenization import load_tokenizer
+from llava_lit.untrusted import ConfigRefused, check_plain_data
 
 log = logging.getLogger(__name__)
-
-BUILD_TARGET = "llava_lit.model.build_llava"
 
 EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 """Tensors whose row count follows the tokenizer (sources without `<image>`/`<pad>` have fewer rows)."""
@@ -42,13 +42,13 @@ EMBEDDING_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm
 class PretrainedLlava:
     """A model to start from: how to build it and the weights to load into it."""
 
-    model_config: dict[str, Any]
-    """The `model` config node: `_target_`, `vision_tower`, `projector`, `language_model`, `tokenizer_name_or_path`."""
+    config: LlavaModelConfig
+    """The model's settings (checked data: `LlavaModelConfig.from_data`)."""
     state_dict: dict[str, torch.Tensor]
     """Weights in `LlavaModel` key layout: every tensor except those under `pretrained_parts`."""
     pretrained_parts: tuple[str, ...]
     """Key prefixes (`vision_tower.`, `language_model.`) whose weights come from the pretrained backbones named in
-    `model_config` instead of `state_dict`; empty when `state_dict` holds the whole model."""
+    `config` instead of `state_dict`; empty when `state_dict` holds the whole model."""
     kind: str
     """`official`, `official_projector`, `hf`, or `llava_lit`."""
     source: str
@@ -65,16 +65,15 @@ class PretrainedLlava:
     def build(
         self, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
-        """Build the model from `model_config`, load the weights, and return it with its tokenizer."""
+        """Build the model from `config`, load the weights, and return it with its tokenizer."""
         if tokenizer is None:
-            tokenizer = load_tokenizer(self.model_config["tokenizer_name_or_path"])
-        node = {k: v for k, v in self.model_config.items() if k != "_target_"}
-        model = build_llava(**node, tokenizer=tokenizer)
+            tokenizer = load_tokenizer(self.config.tokenizer_source)
+        model = self.config.build(tokenizer)
         self.load_into(model)
         return model, tokenizer
 
     def load_into(self, model: LlavaModel) -> None:
-        """Copy the weights into `model` (built from `model_config`), with a clear error when they do not fit.
+        """Copy the weights into `model` (built from `config`), with a clear error when they do not fit.
 
         Embedding matrices with fewer rows than the model (a source without `<image>`/`<pad>` tokens) fill the
         missing rows with the mean of the given ones, as `resize_embeddings_for_tokenizer` does for a base LLM.
@@ -170,7 +169,7 @@ def load_pretrained_llava(source: str | Path, *, workdir: str | Path | None = No
         raise ValueError(
             f"{path} has no config.json: not an official LLaVA, llava-hf or llava_lit checkpoint"
         )
-    config = json.loads(config_path.read_text())
+    config = read_config_json(config_path)
     if config.get("model_type") == "llava":
         return import_hf.import_hf(path, work, source=source)
     if "mm_vision_tower" in config or str(config.get("model_type", "")).startswith("llava_"):
@@ -181,13 +180,21 @@ def load_pretrained_llava(source: str | Path, *, workdir: str | Path | None = No
     )
 
 
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A folder's `config.json`, refused unless it is a plain-data object (no `_target_`, no interpolation)."""
+    config = check_plain_data(json.loads(path.read_text()), str(path))
+    if not isinstance(config, dict):
+        raise ConfigRefused(f"{path} holds a {type(config).__name__}, not a config object")
+    return config
+
+
 def _from_training_checkpoint(path: Path, source: str) -> PretrainedLlava:
     from llava_lit.inference.loading import load_for_inference
 
     bundle = load_for_inference(path)
     data = bundle.run_config.get("data") or {}
     return PretrainedLlava(
-        model_config=dict(bundle.run_config["model"]),
+        config=LlavaModelConfig.from_data(bundle.run_config["model"], source=source),
         state_dict={k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
         pretrained_parts=(),
         kind="llava_lit",

@@ -5,7 +5,7 @@ from llava_lit.model.language_model import (
     build_language_model,
     resize_embeddings_for_tokenizer,
 )
-from llava_lit.model.llava import LlavaModel, build_llava, image_token_id_of
+from llava_lit.model.llava import LlavaModel, LlavaModelConfig, build_llava, image_token_id_of
 from llava_lit.model.projector import PROJECTOR_TYPES, build_projector
 from llava_lit.model.vision_tower import VisionTower, VisionTowerConfig, build_vision_tower
 
@@ -13,6 +13,7 @@ __all__ = [
     "PROJECTOR_TYPES",
     "LanguageModelConfig",
     "LlavaModel",
+    "LlavaModelConfig",
     "VisionTower",
     "VisionTowerConfig",
     "build_language_model",

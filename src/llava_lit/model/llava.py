@@ -11,7 +11,10 @@ The model returns logits only: the loss, with its single label shift, belongs to
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +28,16 @@ from llava_lit.model.language_model import (
     build_language_model,
     resize_embeddings_for_tokenizer,
 )
-from llava_lit.model.projector import build_projector
+from llava_lit.model.projector import build_projector, check_projector_type
 from llava_lit.model.vision_tower import VisionTower, VisionTowerConfig, build_vision_tower
+from llava_lit.untrusted import ConfigRefused, dataclass_from_data
+
+BUILD_TARGET = "llava_lit.model.build_llava"
+"""The one builder a model config node may name (`conf/model/*.yaml`, and the run config stored in checkpoints)."""
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""`attn_implementation` values accepted from a file (transformers would also load attention kernels named by a hub
+repository, which is code)."""
 
 
 class LlavaModel(nn.Module):
@@ -155,6 +166,82 @@ def image_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
             f"the tokenizer has no {IMAGE_TOKEN!r} token; load it with llava_lit.tokenization.load_tokenizer"
         )
     return int(vocab[IMAGE_TOKEN])
+
+
+@dataclass
+class LlavaModelConfig:
+    """The whole model's settings, as `conf/model/*.yaml` spells them (minus the Hydra keys)."""
+
+    vision_tower: VisionTowerConfig
+    """How to build the vision tower."""
+    projector: str
+    """Projector type: `linear`, `mlp{N}x_gelu` or `identity`."""
+    language_model: LanguageModelConfig
+    """How to build the language model."""
+    tokenizer_name_or_path: str | None = None
+    """Where the tokenizer is loaded from; None = `language_model.name_or_path`."""
+
+    @property
+    def tokenizer_source(self) -> str:
+        """The folder or hub id the tokenizer is loaded from."""
+        return self.tokenizer_name_or_path or self.language_model.name_or_path
+
+    @classmethod
+    def from_data(cls, node: Any, *, source: str) -> LlavaModelConfig:
+        """Settings read from a file (a checkpoint's run config, an imported folder): checked, never instantiated.
+
+        The node may carry the Hydra keys our own configs write (`_target_: llava_lit.model.build_llava`,
+        `_convert_`), which are dropped; any other target, instantiation key, interpolation, unknown field or
+        mistyped value raises `ConfigRefused` naming `source` and the field.
+        """
+        where = f"{source}: model"
+        if not isinstance(node, Mapping):
+            raise ConfigRefused(f"{where} must be a mapping of settings, got {type(node).__name__}")
+        node = dict(node)
+        target = node.pop("_target_", BUILD_TARGET)
+        if target != BUILD_TARGET:
+            raise ConfigRefused(
+                f"{where}._target_ is {target!r:.80}: a model read from a file is built by {BUILD_TARGET} only; "
+                "settings read from a file are data and are never instantiated"
+            )
+        if node.pop("_convert_", "all") not in ("all", "none", "partial", "object"):
+            raise ConfigRefused(f"{where}._convert_ is not a Hydra conversion mode")
+        config = dataclass_from_data(cls, node, where)
+        try:
+            check_projector_type(config.projector)
+        except ValueError as err:
+            raise ConfigRefused(f"{where}.projector: {err}") from None
+        attention = config.language_model.attn_implementation
+        if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigRefused(
+                f"{where}.language_model.attn_implementation = {attention!r:.80}; allowed from a file: "
+                f"{list(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        for part, dtype in (
+            ("vision_tower", config.vision_tower.dtype),
+            ("language_model", config.language_model.dtype),
+        ):
+            if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+                raise ConfigRefused(
+                    f"{where}.{part}.dtype = {dtype!r:.80} is not float32, bfloat16 or float16"
+                )
+        return config
+
+    def to_node(self) -> dict[str, Any]:
+        """The config node as `conf/model/*.yaml` writes it (what a run config records)."""
+        return {"_target_": BUILD_TARGET, "_convert_": "all", **dataclasses.asdict(self)}
+
+    def build(
+        self, tokenizer: PreTrainedTokenizerBase, *, device: str | torch.device | None = None
+    ) -> LlavaModel:
+        """Build the model these settings describe (see `build_llava`)."""
+        return build_llava(
+            vision_tower=self.vision_tower,
+            projector=self.projector,
+            language_model=self.language_model,
+            tokenizer=tokenizer,
+            device=device,
+        )
 
 
 def build_llava(

@@ -17,6 +17,12 @@ PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "identity")
 _MLP_PATTERN = re.compile(r"^mlp(\d+)x_gelu$")
 
 
+def check_projector_type(kind: str) -> None:
+    """Raise `ValueError` unless `kind` names a projector type (see `PROJECTOR_TYPES`)."""
+    if not isinstance(kind, str) or not (kind in ("linear", "identity") or _MLP_PATTERN.match(kind)):
+        raise ValueError(f"unknown projector type {kind!r:.80}; allowed: {', '.join(PROJECTOR_TYPES)}")
+
+
 def build_projector(kind: str, in_features: int, out_features: int) -> nn.Module:
     """Build a projector `[..., in_features] -> [..., out_features]`.
 
