@@ -209,7 +209,7 @@ def tiny_overrides(
     ]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def train_overrides(tiny_backbones: Path, tiny_shards: dict[str, Path]) -> Callable[[Path, str], list[str]]:
     """`tiny_overrides` bound to the tiny backbones and shards: `(output_root, stage) -> overrides`."""
     return lambda output_root, stage: tiny_overrides(tiny_backbones, tiny_shards, output_root, stage)

@@ -78,7 +78,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and folder under `root` (what a folder must have on disk before it is renamed in)."""
     for folder, _, files in os.walk(root):
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
@@ -102,7 +103,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        _fsync_tree(temp)
+        fsync_tree(temp)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
@@ -391,6 +393,23 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 
 
+@dataclass(frozen=True)
+class _WorkerInit:
+    """DataLoader worker start-up: ignore preemption signals, then Lightning's worker seeding when it is on.
+
+    A scheduler signals every process of a job; the training process saves a checkpoint at its next optimizer
+    step and then shuts its workers down, so a worker must not die of the signal first (`llava_lit.preemption`).
+    """
+
+    rank: int
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning installs when no worker_init_fn is set
+            pl_worker_init_function(worker_id, rank=self.rank)
+
+
 class _EpochDataLoader(DataLoader):
     """A DataLoader that tells its dataset the epoch each time an epoch starts (Lightning only tells samplers)."""
 
@@ -594,6 +613,7 @@ class LlavaDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers are re-created each epoch and receive that epoch's plan
+            worker_init_fn=_WorkerInit(rank=self.world()[1]),
         )
         loader.epoch_fn = epoch_fn
         return loader

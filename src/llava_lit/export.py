@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from llava_lit.atomic_files import atomic_directory
 from llava_lit.inference.loading import load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.interop.model_card import ModelCardInfo
@@ -47,30 +48,58 @@ class ExportConfig:
 
 
 def run_export(cfg: ExportConfig) -> Path:
-    """Export `cfg.checkpoint` to `cfg.out` and return the folder."""
+    """Export `cfg.checkpoint` to `cfg.out` and return the folder.
+
+    The export is written into a temporary sibling folder, verified there (`verify`), and only then takes the
+    place of `cfg.out` (`atomic_directory`): a failed or unverified export leaves a previous one untouched. An
+    existing `cfg.out` must be empty or a previous export (a LLaVA `config.json`), never another folder.
+    """
+    out = Path(cfg.out)
+    check_replaceable_export(out)
     bundle = load_for_inference(cfg.checkpoint)
     data = bundle.run_config.get("data") or {}
     metrics = json.loads(Path(cfg.metrics).read_text()) if cfg.metrics else {}
     card = ModelCardInfo(run_config=bundle.run_config, metrics=metrics, source=str(cfg.checkpoint))
     dtype = parse_dtype(cfg.dtype)
-    out = export_hf_llava(
-        bundle.model,
-        bundle.tokenizer,
-        cfg.out,
-        template=bundle.template,
-        image_aspect=data.get("image_aspect", bundle.image_loader.aspect),
-        dtype=dtype,
-        card=card,
-        max_shard_size=cfg.max_shard_size,
-    )
-    if cfg.verify:
-        if dtype is not None:
-            bundle.model.to(dtype)
-        # bf16/fp16 weights compute in reduced precision on both sides: allow for op-order differences.
-        tol = 1e-4 if dtype is None else 2e-2
-        diff = verify_export(bundle.model, out, atol=tol, rtol=tol)
-        log.info("verified: transformers logits match llava_lit's (max abs diff %.3g)", diff)
+    with atomic_directory(out) as staging:
+        export_hf_llava(
+            bundle.model,
+            bundle.tokenizer,
+            staging,
+            template=bundle.template,
+            image_aspect=data.get("image_aspect", bundle.image_loader.aspect),
+            dtype=dtype,
+            card=card,
+            max_shard_size=cfg.max_shard_size,
+        )
+        if cfg.verify:
+            if dtype is not None:
+                bundle.model.to(dtype)
+            # bf16/fp16 weights compute in reduced precision on both sides: allow for op-order differences.
+            tol = 1e-4 if dtype is None else 2e-2
+            diff = verify_export(bundle.model, staging, atol=tol, rtol=tol)
+            log.info("verified: transformers logits match llava_lit's (max abs diff %.3g)", diff)
     return out
+
+
+def check_replaceable_export(out: Path) -> None:
+    """Refuse an output folder that exists and is neither empty nor a previous export (it would be replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"out={out} is a file, not a folder")
+    if not any(out.iterdir()):
+        return
+    config = out / "config.json"
+    try:
+        is_export = json.loads(config.read_text()).get("model_type") == "llava"
+    except (OSError, ValueError, AttributeError):
+        is_export = False
+    if not is_export:
+        raise SystemExit(
+            f"out={out} exists and is not a previous LLaVA export (no config.json with model_type llava): "
+            "the export replaces the whole folder, so choose a new or empty folder"
+        )
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_lit.constants import IGNORE_INDEX
+from llava_lit.csv_logger import CSVLogger
 from llava_lit.sharding import ShardingConfig, shard_llava
 
 
@@ -222,3 +223,9 @@ class LlavaLitModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llava_lit_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run keeps the metric history of the steps before its checkpoint.
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.resume_from_step(int(checkpoint.get("global_step", 0)))

@@ -1,7 +1,7 @@
 """The stage handoff: a projector-only weights file written by `align` and read by `finetune`.
 
 `align` writes `projector.safetensors` (keys as in `projector.state_dict()`, e.g. `0.weight`, `2.bias`) next
-to its full resumable Lightning checkpoint. `finetune` loads it through `init_projector=PATH`, which also accepts
+to its full resumable Lightning checkpoint when it completes. `finetune` loads it through `init_projector=PATH`, which also accepts
 the official LLaVA `mm_projector.bin` (keys `model.mm_projector.0.weight`, ..., or `model.mm_projector.weight`
 for `linear`): everything up to and including `mm_projector.` is stripped, as the official loader does.
 """
@@ -14,8 +14,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from llava_lit.atomic_files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +70,23 @@ def load_projector(projector: nn.Module, path: str | Path) -> None:
 
 
 class ProjectorExport(L.Callback):
-    """Writes `projector.safetensors` into the checkpoint folder whenever a checkpoint is saved and at the end."""
+    """Writes `projector.safetensors` into the checkpoint folder when training completes.
+
+    Only a finished stage writes it (not a preempted or failed one), so `finetune`'s default `init_projector`
+    never starts from a half-trained projector; the file is replaced atomically.
+    """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         weights = full_state_dict(pl_module.model.projector)  # collective under FSDP2: every rank gathers
         if trainer.is_global_zero:
-            path = self.dirpath / PROJECTOR_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            meta = {"global_step": str(trainer.global_step)}
-            save_file(weights, str(path), metadata=meta)
+            write_projector(self.dirpath / PROJECTOR_FILE, weights, global_step=trainer.global_step)
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self._write(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, pl_module)
+def write_projector(path: str | Path, weights: dict[str, torch.Tensor], *, global_step: int) -> Path:
+    """Write projector weights as safetensors (with the step in the metadata), atomically."""
+    with atomic_file(path) as handle:
+        handle.write(save(weights, metadata={"global_step": str(global_step)}))
+    return Path(path)

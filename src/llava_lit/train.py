@@ -20,9 +20,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llava_lit.checkpointing import resume_path
 from llava_lit.module import LlavaLitModule
+from llava_lit.preemption import preempted
 from llava_lit.projector_io import load_projector
 from llava_lit.sharding import ShardingConfig
 from llava_lit.stages import StageFreezer
@@ -215,15 +218,24 @@ def warn_if_cpu_lacks_bf16(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one stage; returns the final logged metrics."""
+    """Run one stage; returns the final logged metrics.
+
+    A preemption signal ends it with `preemption.Preempted` (exit status 128 + signal) after a checkpoint; a
+    failed checkpoint save with `checkpointing.CheckpointSaveError`, the previous checkpoint intact.
+    """
     L.seed_everything(cfg.seed, workers=True)
     log.info("torch threads: %d", set_cpu_threads(cfg))
     warn_if_cpu_lacks_bf16(cfg)
     check_wandb(cfg)
     ensure_world_if_used(cfg)
+    with open_dict(cfg):  # recorded in checkpoints as the checkpoint actually resumed from
+        cfg.ckpt_path = resume_path(cfg.ckpt_path, Path(cfg.paths.output_dir) / "checkpoints")
     module, datamodule = build_components(cfg)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SIGTERMException as stop:
+        raise preempted(trainer) from stop
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -14,13 +14,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf, open_dict
 
 from llava_lit.train import world_size
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 HF_CONFIGS = CONF / "hf_configs"
-GROUPS = ["model", "data", "trainer", "logger", "callbacks", "stage"]
+GROUPS = ["model", "data", "trainer", "logger", "callbacks", "stage", "launcher"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
 
@@ -85,7 +86,9 @@ def test_cpu_trainers_instantiate(trainer, tmp_path):
 def test_gpu_strategies_instantiate(trainer, tmp_path):
     cfg = _compose("train", [f"trainer={trainer}"], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)
-    assert type(strategy).__name__ == "ModelParallelStrategy"
+    assert isinstance(
+        strategy, ModelParallelStrategy
+    )  # Lightning's FSDP2 strategy, with atomic sharded saves
     assert strategy._data_parallel_size == world_size(cfg.trainer)
     assert cfg.module.sharding.param_dtype == "bfloat16" and cfg.module.sharding.activation_checkpointing
 

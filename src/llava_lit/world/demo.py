@@ -14,11 +14,16 @@ layers compiled, two 1-thread finetunes ran at 88 + 74 samples/s against 107 for
 after the other. The finetune prints to the console, the ablation to
 `<output_root>/<run_name>_no_stage1/finetune/console.log`. A failed step stops the demo with its exit code; the
 wall time of each step is printed at the end.
+
+A SIGTERM, SIGUSR1 or SIGUSR2 sent to the demo is passed on to the steps running, which save a checkpoint at
+their next optimizer step and stop (`llava_lit.preemption`); the demo then stops too, and
+`python -m llava_lit.world.demo ckpt_path=last` continues each training step from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,14 +32,46 @@ from pathlib import Path
 from llava_lit.world.build import load_world_info
 from llava_lit.world.evaluate import compose_train, no_stage1_dir, no_stage1_overrides, override_key
 
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals the demo passes on to its running steps (a terminal's Ctrl-C already reaches them directly)."""
+
+_running: list[subprocess.Popen] = []
+_forwarded: list[int] = []
+
+
+def _forward(signum: int, frame: object) -> None:
+    _forwarded.append(signum)
+    for child in _running:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+
+def _start(command: list[str], **kwargs: object) -> subprocess.Popen:
+    """Start a step whose signals the demo forwards."""
+    child = subprocess.Popen(command, **kwargs)  # type: ignore[call-overload]
+    _running.append(child)
+    return child
+
+
+def _call(command: list[str]) -> int:
+    """Run a step to its end and return its exit code."""
+    return _start(command).wait()
+
 
 def _train_command(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "llava_lit.train", *overrides]
 
 
 def _check(returncode: int, what: str) -> None:
-    if returncode != 0:
-        raise SystemExit(f"demo: {what} failed (exit code {returncode})")
+    if returncode == 0:
+        return
+    if returncode > 128 and returncode - 128 in {int(s) for s in FORWARDED_SIGNALS}:
+        name = signal.Signals(returncode - 128).name
+        raise SystemExit(
+            f"demo: {what} stopped on {name} after saving a checkpoint (exit code {returncode}); "
+            "`python -m llava_lit.world.demo ckpt_path=last` (with the same overrides) continues from it"
+        )
+    raise SystemExit(f"demo: {what} failed (exit code {returncode})")
 
 
 def side_by_side_threads(cfg_accelerator: str, overrides: list[str], cores: int | None = None) -> int | None:
@@ -52,11 +89,13 @@ def side_by_side_threads(cfg_accelerator: str, overrides: list[str], cores: int 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the demo with `argv` (the `key=value` overrides of `python -m llava_lit.train`); returns step times."""
     overrides = sys.argv[1:] if argv is None else argv
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, _forward)
     cfg = compose_train(overrides)
     times: dict[str, float] = {}
     start, started_at = time.perf_counter(), time.time()
 
-    _check(subprocess.call(_train_command(["stage=align", *overrides])), "stage=align")
+    _check(_call(_train_command(["stage=align", *overrides])), "stage=align")
     times["align"] = time.perf_counter() - start
     world_json = Path(cfg.paths.world_dir) / "world.json"
     if world_json.is_file() and world_json.stat().st_mtime > started_at:  # built by this align run
@@ -65,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     threads = side_by_side_threads(cfg.trainer.accelerator, overrides)
     step_start = time.perf_counter()
     if threads is None:
-        _check(subprocess.call(_train_command(["stage=finetune", *overrides])), "stage=finetune")
+        _check(_call(_train_command(["stage=finetune", *overrides])), "stage=finetune")
         times["finetune"] = time.perf_counter() - step_start
         evaluate_overrides = overrides
     else:
@@ -78,27 +117,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             flush=True,
         )
         with open(log_dir / "console.log", "w") as log:
-            side = subprocess.Popen(
+            side = _start(
                 _train_command([*ablation, f"cpu_threads={threads}"]), stdout=log, stderr=subprocess.STDOUT
             )
             try:
-                finetune = subprocess.call(
-                    _train_command(["stage=finetune", *overrides, f"cpu_threads={threads}"])
-                )
+                finetune = _call(_train_command(["stage=finetune", *overrides, f"cpu_threads={threads}"]))
             except BaseException:
                 side.kill()
                 raise
-            if finetune != 0:
-                side.kill()
+            if finetune != 0 and not _forwarded:
+                side.kill()  # a forwarded signal lets it save its checkpoint and stop by itself
             _check(finetune, "stage=finetune")
             _check(side.wait(), f"the no-stage-1 finetune (see {log_dir / 'console.log'})")
         times["finetune beside no-stage-1 finetune"] = time.perf_counter() - step_start
         evaluate_overrides = [*overrides, "evaluate.no_align=trained"]
 
     step_start = time.perf_counter()
-    _check(
-        subprocess.call([sys.executable, "-m", "llava_lit.world.evaluate", *evaluate_overrides]), "evaluate"
-    )
+    _check(_call([sys.executable, "-m", "llava_lit.world.evaluate", *evaluate_overrides]), "evaluate")
     times["evaluate"] = time.perf_counter() - step_start
     times["total"] = time.perf_counter() - start
     print("demo wall time: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in times.items()), flush=True)
