@@ -1,9 +1,27 @@
 """`python -m llava_lit.convert`: an official LLaVA JSON file plus its image folder → WebDataset shards + manifest.
 
-Each record is validated and each image fully decoded once here, so training never meets a missing or corrupt
-file; the ones that fail are counted per reason, listed in the manifest and reported at the end, never silently
-dropped. Output is deterministic: records keep their file order, keys are their index in the file, and tars
-carry fixed metadata, so re-running on the same input gives byte-identical shards.
+The whole input is read and parsed before anything is written: a `.json` file that does not parse is refused
+with its file, line and column, and nothing is written. Each record is then validated (`records.parse_record`)
+and each image fully decoded once here, so training never meets a missing or corrupt file; the records that
+fail are counted per reason, listed in the manifest (file and record index or line, and id) and reported at
+the end, never silently dropped. Reasons: `invalid_json` (a `.jsonl` line that does not parse),
+`invalid_record`, `invalid_unicode`, `image_outside_folder` and the image reasons of
+`images.IMAGE_SKIP_REASONS`.
+
+Image paths are confined to the image folder: an absolute path, or one whose resolved form (after `..` and
+symlinks) lies outside the folder, is skipped as `image_outside_folder` unless `allow_outside_image_folder`
+(`--allow-outside-image-folder`) is set, e.g. for an image folder whose subfolders are symlinks to other
+disks.
+
+The output folder is replaced as a whole and only at the end: shards and manifest are written into a hidden
+temporary sibling (`atomic_files.atomic_directory`) that takes the output's name once complete, so a failure
+at any point (bad input, a full disk, an interrupt) leaves the previous conversion as it was. Because the
+whole folder is replaced, `--out` must be new, empty, or hold only a previous conversion (`shard-*.tar`,
+`manifest.json`); a folder with anything else in it is refused before any work, and so is a run in which every
+record was skipped (it would replace a good conversion with an empty one).
+
+Output is deterministic: records keep their file order, keys are their index in the file (non-blank lines for
+`.jsonl`), and tars carry fixed metadata, so re-running on the same input gives byte-identical shards.
 """
 
 from __future__ import annotations
@@ -11,17 +29,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from llava_lit.atomic_files import atomic_directory
 from llava_lit.conversation import get_template
 from llava_lit.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from llava_lit.records import InvalidRecord, Record, parse_record
@@ -31,19 +51,76 @@ from llava_lit.tokenization import SkipSample, encode_conversation
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES_PER_REASON = 20
-"""How many skipped ids the manifest lists per reason."""
+"""How many skipped records the manifest lists per reason."""
+
+PREVIOUS_OUTPUT = re.compile(r"shard-\d{6,}\.tar|" + re.escape(MANIFEST_NAME))
+"""Names a previous conversion leaves in its output folder: the only entries `--out` may hold."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
-def load_records(json_path: str | Path) -> list[Any]:
-    """Read a LLaVA JSON list (`.json`) or one record per line (`.jsonl`)."""
+class ConvertError(ValueError):
+    """Input or output the converter refuses as a whole; nothing has been written when it is raised."""
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One entry of the input file, as read: its place in the file and its parsed JSON value."""
+
+    where: str
+    """Where it is, for reports: `data.json[12]` (index in a JSON list) or `data.jsonl:13` (line number)."""
+    raw: Any
+    """The parsed JSON value (None when it did not parse)."""
+    error: InvalidRecord | None = None
+    """Why the entry could not even be parsed (a `.jsonl` line that is not JSON), else None."""
+
+
+def _line_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of byte `offset` in `data`."""
+    return data.count(b"\n", 0, offset) + 1, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+
+
+def load_records(json_path: str | Path) -> list[SourceEntry]:
+    """Read a LLaVA JSON list (`.json`) or one record per line (`.jsonl`), in file order.
+
+    A `.json` file that is not valid UTF-8 JSON, or not a list, raises `ConvertError` naming the file, line
+    and column. In a `.jsonl` file, blank lines are passed over (but counted in line numbers) and a line that
+    does not parse becomes an entry with an `invalid_json` error, so it is counted and skipped like a bad
+    record.
+    """
     path = Path(json_path)
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+        entries = []
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            where = f"{path.name}:{number}"
+            if not line.strip():
+                continue
+            try:
+                entries.append(
+                    SourceEntry(where, json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8")))
+                )
+            except UnicodeDecodeError as err:
+                problem = InvalidRecord("invalid_json", f"not UTF-8 at column {err.start + 1}")
+                entries.append(SourceEntry(where, None, problem))
+            except json.JSONDecodeError as err:
+                problem = InvalidRecord("invalid_json", f"{err.msg} at column {err.colno}")
+                entries.append(SourceEntry(where, None, problem))
+        return entries
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line, column = _line_column(data, err.start)
+        raise ConvertError(f"{path}:{line}:{column}: not UTF-8 ({err.reason})") from None
+    del data  # a LLaVA JSON file can be a gigabyte: keep one copy of it, not two
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConvertError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(records, list):
+        raise ConvertError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return [SourceEntry(f"{path.name}[{index}]", raw) for index, raw in enumerate(records)]
 
 
 def _member_extension(path: str, index: int, count: int) -> str:
@@ -52,12 +129,36 @@ def _member_extension(path: str, index: int, count: int) -> str:
     return ext if count == 1 else f"{index}.{ext}"
 
 
-def _load_images(record: Record, image_folder: Path, max_pixels: int) -> tuple[dict[str, bytes], list[str]]:
-    """Read and fully decode every image of a record; raise `ImageDecodeError` naming the first bad one."""
+def image_path(folder: Path, rel: str, *, allow_outside: bool = False) -> Path:
+    """The file a record's image path names, refused (`InvalidRecord("image_outside_folder")`) when it is not
+    inside `folder`: an absolute path, or one whose resolved form (`..` and symlinks followed) leaves it.
+
+    `folder` must be resolved already. With `allow_outside`, the path is taken as it is (joined to `folder`).
+    A symlink loop raises `ImageDecodeError("image_missing")`.
+    """
+    joined = folder / rel
+    if allow_outside:
+        return joined
+    if PurePath(rel).is_absolute():
+        raise InvalidRecord("image_outside_folder", f"{rel}: an absolute path")
+    try:
+        resolved = joined.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise ImageDecodeError("image_missing", f"{rel}: {err}") from None
+    if not resolved.is_relative_to(folder):
+        raise InvalidRecord("image_outside_folder", f"{rel}: resolves to a file outside the image folder")
+    return resolved
+
+
+def _load_images(
+    record: Record, image_folder: Path, max_pixels: int, allow_outside: bool
+) -> tuple[dict[str, bytes], list[str]]:
+    """Read and fully decode every image of a record; raise `ImageDecodeError` or `InvalidRecord` at the first
+    bad one."""
     images: dict[str, bytes] = {}
     keys: list[str] = []
     for i, rel in enumerate(record.images):
-        path = image_folder / rel
+        path = image_path(image_folder, rel, allow_outside=allow_outside)
         if not path.is_file():
             raise ImageDecodeError("image_missing", rel)
         data = path.read_bytes()
@@ -69,6 +170,48 @@ def _load_images(record: Record, image_folder: Path, max_pixels: int) -> tuple[d
         images[key] = data
         keys.append(key)
     return images, keys
+
+
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], window: int
+) -> Iterator[_R]:
+    """`pool.map(fn, items)` with at most `window` items in flight: the results waiting to be written (image
+    bytes) stay bounded, and when the consumer stops (an error while writing) no further item is started."""
+    pending: deque[Future[_R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder that holds anything but a previous conversion (it is replaced as a whole)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConvertError(f"--out {out} exists and is not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if not (PREVIOUS_OUTPUT.fullmatch(p.name) and p.is_file()))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConvertError(
+            f"--out {out} holds files that are not a previous conversion ({listed}); the converter replaces "
+            "the whole folder, so give it a new or empty folder (or one holding only shard-*.tar and "
+            f"{MANIFEST_NAME})"
+        )
+
+
+def _describe(entry: SourceEntry, error: InvalidRecord | ImageDecodeError) -> str:
+    """A skipped entry for reports: where it is in the file, its id when it has one, and what is wrong."""
+    raw = entry.raw
+    record_id = f" (id {raw['id']!r:.80})" if isinstance(raw, dict) and "id" in raw else ""
+    text = f"{entry.where}{record_id}: {error.detail or error.reason}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # JSON-safe even with lone surrogates
 
 
 def convert(
@@ -85,28 +228,30 @@ def convert(
     source: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int = 4,
+    allow_outside_image_folder: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """Convert one LLaVA JSON + image folder into `out_dir/shard-*.tar` + `out_dir/manifest.json`.
 
     With a tokenizer, the manifest also holds token-length statistics for `template` (with `system_prompt` in
     place of its own, when given; image markers expanded to `num_image_tokens`) and how many samples that
-    template would skip. Existing shards in `out_dir` are replaced. Returns the manifest.
+    template would skip. `out_dir` is replaced as a whole once the new shards and manifest are complete (see
+    the module docstring for what it may hold and what is refused with `ConvertError`). Returns the manifest.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("shard-*.tar"), out / MANIFEST_NAME]:
-        stale.unlink(missing_ok=True)
+    out = Path(out_dir).resolve()  # a symlinked `--out`: the folder it points to is replaced, the link stays
+    check_out_dir(out)
     chat_template = get_template(template, system=system_prompt)
-    raw_records = load_records(json_path)
+    entries = load_records(json_path)
     source = source or Path(json_path).stem
-    folder = Path(image_folder)
+    folder = Path(image_folder).resolve()
 
-    def check(index_raw: tuple[int, Any]) -> tuple[int, Any, Record | None, dict[str, bytes], list[str]]:
-        index, raw = index_raw
+    def check(index: int) -> tuple[int, InvalidRecord | ImageDecodeError | None, Record | None, dict, list]:
+        entry = entries[index]
         try:
-            record = parse_record(raw)
-            images, keys = _load_images(record, folder, max_pixels)
+            if entry.error is not None:
+                raise entry.error
+            record = parse_record(entry.raw)
+            images, keys = _load_images(record, folder, max_pixels, allow_outside_image_folder)
         except (InvalidRecord, ImageDecodeError) as err:
             return index, err, None, {}, []
         return index, None, record, images, keys
@@ -115,63 +260,73 @@ def convert(
     examples: dict[str, list[str]] = {}
     token_lengths: list[int] = []
     token_skips: Counter[str] = Counter()
-    writer = ShardWriter(out, samples_per_shard)
-    # Threads overlap file reads and decodes; `map` keeps file order, so the output stays deterministic.
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results: Iterator = pool.map(check, enumerate(raw_records))
-        for index, error, record, images, keys in tqdm(
-            results, total=len(raw_records), desc=f"convert {source}", disable=not progress, unit="rec"
-        ):
-            if error is not None:
-                skipped[error.reason] += 1
-                record_id = (
-                    raw_records[index].get("id", index) if isinstance(raw_records[index], dict) else index
-                )
-                if len(examples.setdefault(error.reason, [])) < MAX_EXAMPLES_PER_REASON:
-                    examples[error.reason].append(f"{record_id}: {error.detail}")
-                continue
-            assert record is not None
-            payload = {
-                "id": record.id,
-                "conversations": list(record.conversations),
-                "source": source,
-                "images": list(record.images),
-                "image_keys": keys,
-            }
-            writer.write(f"{index:09d}", payload, images)
-            if tokenizer is not None:
-                try:
-                    encoded = encode_conversation(
-                        record.conversations,
-                        tokenizer=tokenizer,
-                        template=chat_template,
-                        num_image_tokens=num_image_tokens,
-                        max_length=max_length,
-                        num_images=len(record.images),
-                    )
-                    token_lengths.append(len(encoded.input_ids))
-                except SkipSample as err:
-                    token_skips[err.reason] += 1
-    writer.close()
+    threads = max(1, num_threads)
+    with atomic_directory(out) as temp:
+        writer = ShardWriter(temp, samples_per_shard)
+        # Threads overlap file reads and decodes; results come back in file order, so the output stays
+        # deterministic.
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = _ordered_map(pool, check, range(len(entries)), window=8 * threads)
+            for index, error, record, images, keys in tqdm(
+                results, total=len(entries), desc=f"convert {source}", disable=not progress, unit="rec"
+            ):
+                if error is not None:
+                    skipped[error.reason] += 1
+                    if len(examples.setdefault(error.reason, [])) < MAX_EXAMPLES_PER_REASON:
+                        examples[error.reason].append(_describe(entries[index], error))
+                    continue
+                assert record is not None
+                payload = {
+                    "id": record.id,
+                    "conversations": list(record.conversations),
+                    "source": source,
+                    "images": list(record.images),
+                    "image_keys": keys,
+                }
+                writer.write(f"{index:09d}", payload, images)
+                if tokenizer is not None:
+                    try:
+                        encoded = encode_conversation(
+                            record.conversations,
+                            tokenizer=tokenizer,
+                            template=chat_template,
+                            num_image_tokens=num_image_tokens,
+                            max_length=max_length,
+                            num_images=len(record.images),
+                        )
+                        token_lengths.append(len(encoded.input_ids))
+                    except SkipSample as err:
+                        token_skips[err.reason] += 1
+        writer.close()
 
-    shards = writer.shards
-    manifest = Manifest(
-        source=source,
-        num_samples=sum(s.num_samples for s in shards),
-        num_image_samples=sum(s.num_image_samples for s in shards),
-        num_text_samples=sum(s.num_text_samples for s in shards),
-        shards=shards,
-        skipped=dict(sorted(skipped.items())),
-        skipped_examples=dict(sorted(examples.items())),
-        token_lengths=(
-            TokenLengthStats.from_lengths(
-                token_lengths, template=template, num_image_tokens=num_image_tokens, skipped=dict(token_skips)
+        shards = writer.shards
+        manifest = Manifest(
+            source=source,
+            num_samples=sum(s.num_samples for s in shards),
+            num_image_samples=sum(s.num_image_samples for s in shards),
+            num_text_samples=sum(s.num_text_samples for s in shards),
+            shards=shards,
+            skipped=dict(sorted(skipped.items())),
+            skipped_examples=dict(sorted(examples.items())),
+            token_lengths=(
+                TokenLengthStats.from_lengths(
+                    token_lengths,
+                    template=template,
+                    num_image_tokens=num_image_tokens,
+                    skipped=dict(token_skips),
+                )
+                if tokenizer is not None
+                else None
+            ),
+        )
+        if manifest.num_samples == 0:
+            raise ConvertError(
+                f"{json_path}: no record could be converted ({len(entries)} read, skipped: "
+                f"{manifest.skipped or 'none'}, e.g. {[e for ex in examples.values() for e in ex[:1]]}); "
+                f"{out} is left as it was"
             )
-            if tokenizer is not None
-            else None
-        ),
-    )
-    write_manifest(out, manifest)
+        write_manifest(temp, manifest)
+        check_out_dir(out)  # nothing was added to it while converting
     for reason, count in manifest.skipped.items():
         log.warning("%s: skipped %d records (%s), e.g. %s", source, count, reason, examples[reason][:3])
     return manifest
@@ -197,6 +352,13 @@ class ConvertArgs:
     source: str | None = field(default=None, metadata={"help": "source name (default: JSON file stem)"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject images with more pixels"})
     num_threads: int = field(default=4, metadata={"help": "threads reading and verifying images"})
+    allow_outside_image_folder: bool = field(
+        default=False,
+        metadata={
+            "help": "read image paths that are absolute or resolve outside --image-folder (through '..' or a "
+            "symlink); without it such records are skipped as image_outside_folder"
+        },
+    )
 
 
 def parse_args(argv: list[str]) -> ConvertArgs:
@@ -205,6 +367,11 @@ def parse_args(argv: list[str]) -> ConvertArgs:
 
     parser = argparse.ArgumentParser(prog="python -m llava_lit.convert", description=__doc__.splitlines()[0])
     for f in dataclasses.fields(ConvertArgs):
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=f.metadata["help"]
+            )
+            continue
         required = f.default is dataclasses.MISSING
         kind = int if f.type in ("int", int) else str
         parser.add_argument(
@@ -219,7 +386,10 @@ def parse_args(argv: list[str]) -> ConvertArgs:
 
 
 def main(argv: list[str] | None = None) -> Manifest:
-    """CLI entry point: convert, then print the manifest summary and the skip report."""
+    """CLI entry point: convert, then print the manifest summary and the skip report.
+
+    Input or output the converter refuses (`ConvertError`) ends the program with its message and status 1.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tokenizer = None
@@ -227,20 +397,24 @@ def main(argv: list[str] | None = None) -> Manifest:
         from llava_lit.tokenization import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    manifest = convert(
-        args.json,
-        args.image_folder,
-        args.out,
-        samples_per_shard=args.shard_size,
-        tokenizer=tokenizer,
-        template=args.template,
-        system_prompt=args.system_prompt,
-        num_image_tokens=args.num_image_tokens,
-        max_length=args.max_length,
-        source=args.source,
-        max_pixels=args.max_pixels,
-        num_threads=args.num_threads,
-    )
+    try:
+        manifest = convert(
+            args.json,
+            args.image_folder,
+            args.out,
+            samples_per_shard=args.shard_size,
+            tokenizer=tokenizer,
+            template=args.template,
+            system_prompt=args.system_prompt,
+            num_image_tokens=args.num_image_tokens,
+            max_length=args.max_length,
+            source=args.source,
+            max_pixels=args.max_pixels,
+            num_threads=args.num_threads,
+            allow_outside_image_folder=args.allow_outside_image_folder,
+        )
+    except ConvertError as err:
+        raise SystemExit(f"error: {err}") from None
     print(
         f"{manifest.num_samples} samples ({manifest.num_image_samples} with images, "
         f"{manifest.num_text_samples} text-only) in {len(manifest.shards)} shards -> {args.out}"

@@ -13,7 +13,15 @@ each optimizer step (its accumulated micro-batches) are sorted by length before 
 micro-batches: the step sees the same samples, padded less; `length_group_steps` sorts several steps' samples
 together (for runs without accumulation). A sample that must be skipped (no buildable mask,
 undecodable image) is counted per reason and logged; to keep batch counts equal the worker then repeats one of
-its earlier samples at the end of its share (counted as `repeated_to_fill`).
+its earlier samples at the end of its share (counted as `repeated_to_fill` and logged).
+
+Shards are checked against their manifest. In `setup()`, every shard's size is compared with the recorded one
+(one `stat` each) and a shard that differs or is missing is read once to count what it still holds. While
+reading, each segment's samples are counted: a shard that ends before the segment does loses the rest
+(`shard_short`), a read error (cut or corrupt tar, I/O error) loses the rest of the segment
+(`shard_unreadable`); either is logged with the shard's path and counted in `skip_counts`. These losses, and
+only these, are bounded by `max_lost_fraction` (see `LlavaDataModule`); past it the run stops with
+`DataLossError`, naming the shards and counts.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +48,29 @@ from transformers import PreTrainedTokenizerBase
 from llava_lit.collate import collate
 from llava_lit.conversation import ChatTemplate, get_template
 from llava_lit.images import DEFAULT_MAX_PIXELS, IMAGE_SKIP_REASONS, ImageDecodeError, ImageLoader
-from llava_lit.shards import iter_raw_samples, parse_sample, read_manifest
+from llava_lit.shards import (
+    SHARD_LOSS_REASONS,
+    SHARD_READ_ERRORS,
+    DamagedShard,
+    find_damaged_shards,
+    iter_complete_samples,
+    parse_sample,
+    read_manifest,
+)
 from llava_lit.tokenization import SKIP_REASONS, SkipSample, encode_conversation
 
 log = logging.getLogger(__name__)
 
-COUNTER_KEYS = (*SKIP_REASONS, *IMAGE_SKIP_REASONS, "bad_sample", "repeated_to_fill")
-"""Keys of `LlavaDataModule.skip_counts`: every skip reason, plus samples repeated to keep ranks equal."""
+COUNTER_KEYS = (*SKIP_REASONS, *IMAGE_SKIP_REASONS, "bad_sample", *SHARD_LOSS_REASONS, "repeated_to_fill")
+"""Keys of `LlavaDataModule.skip_counts`: every skip reason, samples lost to damaged shards, plus samples
+repeated to keep ranks equal."""
+
+DEFAULT_MAX_LOST_FRACTION = 0.01
+"""Default bound on samples lost to damaged shards, per rank and epoch (see `LlavaDataModule`)."""
+
+
+class DataLossError(RuntimeError):
+    """More samples lost to damaged shards than `max_lost_fraction` allows; the message names the shards."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,16 @@ class SkipCounter:
     def as_dict(self) -> dict[str, int]:
         return {k: int(v) for k, v in zip(COUNTER_KEYS, self._values[:], strict=True)}
 
+    def total(self, keys: Iterable[str]) -> int:
+        """Sum of the counters of `keys`."""
+        values = self.as_dict()
+        return sum(values[k] for k in keys)
+
+    def reset(self) -> None:
+        """Set every counter to zero."""
+        with self._values.get_lock():
+            self._values[:] = [0] * len(COUNTER_KEYS)
+
     def __getstate__(self) -> dict[str, Any]:
         # The array can only travel to a process being started (a DataLoader worker); any other copy (a deepcopy,
         # a checkpoint) gets fresh local counters instead of a pickling error.
@@ -217,6 +253,7 @@ class ShardStream(IterableDataset):
         counter: SkipCounter,
         length_group: int = 1,
         mix_group_batches: bool = False,
+        max_lost_fraction: float = DEFAULT_MAX_LOST_FRACTION,
     ) -> None:
         self.sources = list(sources)
         self.encoder = encoder
@@ -240,6 +277,10 @@ class ShardStream(IterableDataset):
         """Batches of the current epoch already consumed before a mid-epoch resume; skipped on the next pass."""
         self.num_workers = 1
         """Set by the DataModule to the DataLoader's worker count, so `len()` is right before iterating."""
+        self.max_lost_fraction = max_lost_fraction
+        """Most samples of this rank's epoch share that damaged shards may lose before `DataLossError`."""
+        self.epoch_losses = SkipCounter()
+        """Samples this rank lost to damaged shards in the current epoch, over all its workers."""
 
     @property
     def epoch_samples(self) -> int:
@@ -255,9 +296,15 @@ class ShardStream(IterableDataset):
         """Batches this rank yields per epoch: each worker batches its own share, the last batch may be short."""
         return sum(self.worker_batches(max(1, self.num_workers)))
 
+    @property
+    def max_lost(self) -> int:
+        """Samples this rank may lose to damaged shards per epoch (`max_lost_fraction` of its share)."""
+        return math.floor(self.max_lost_fraction * self.rank_samples)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose plan the next iteration reads."""
+        """Select the epoch whose plan the next iteration reads, and start its loss count afresh."""
         self.epoch = epoch
+        self.epoch_losses.reset()
 
     def worker_batches(self, num_workers: int) -> list[int]:
         """Batches each worker yields this epoch."""
@@ -289,20 +336,68 @@ class ShardStream(IterableDataset):
         lo, hi = split_range(self.rank_samples, num_workers, worker)
         return slice_segments(plan, rank_lo + lo, rank_lo + hi)
 
-    def _raw_samples(self, segments: Sequence[Segment], rng: random.Random) -> Iterator[dict[str, Any]]:
-        def read() -> Iterator[dict[str, Any]]:
-            for seg in segments:
-                for i, raw in enumerate(iter_raw_samples(seg.path)):
-                    if i >= seg.stop:
-                        break
-                    if i >= seg.start:
-                        yield raw
+    def _read_segments(self, segments: Sequence[Segment], worker: int) -> Iterator[dict[str, Any]]:
+        """The raw samples of `segments` in order; samples the shards fail to deliver are counted as lost.
 
+        Per segment: a shard that ends before `stop` loses the rest (`shard_short`; a last sample cut between
+        its members counts among them); a read error loses the rest of the segment (`shard_unreadable`).
+        """
+        lost: dict[str, Counter[str]] = {}
+        for seg in segments:
+            position = 0  # samples of the shard passed so far, in tar order
+            try:
+                for raw in iter_complete_samples(seg.path):
+                    if position >= seg.stop:
+                        break
+                    position += 1
+                    if position > seg.start:
+                        yield raw
+            except SHARD_READ_ERRORS as err:
+                missing = seg.stop - max(position, seg.start)
+                self._lose(seg, "shard_unreadable", missing, f"{type(err).__name__}: {err}", worker, lost)
+                continue
+            if position < seg.stop:
+                missing = seg.stop - max(position, seg.start)
+                detail = f"the shard ends after {position} samples, the segment needs {seg.stop}"
+                self._lose(seg, "shard_short", missing, detail, worker, lost)
+
+    def _lose(
+        self, seg: Segment, reason: str, count: int, detail: str, worker: int, lost: dict[str, Counter[str]]
+    ) -> None:
+        """Count and log `count` samples of `seg` lost to its shard; raise `DataLossError` past the bound."""
+        self.counter.add(reason, count)
+        self.epoch_losses.add(reason, count)
+        lost.setdefault(seg.path, Counter())[reason] += count
+        log.warning(
+            "rank %d worker %d: lost %d samples of shard %s (samples %d-%d, %s): %s",
+            self.rank,
+            worker,
+            count,
+            seg.path,
+            seg.start,
+            seg.stop - 1,
+            reason,
+            detail,
+        )
+        total = self.epoch_losses.total(SHARD_LOSS_REASONS)
+        if total > self.max_lost:
+            shards = "; ".join(f"{path}: {dict(c)}" for path, c in lost.items())
+            raise DataLossError(
+                f"rank {self.rank}: damaged shards lost {total} of the {self.rank_samples} samples of this "
+                f"rank's epoch {self.epoch}, more than max_lost_fraction={self.max_lost_fraction} allows "
+                f"({self.max_lost}). Shards of worker {worker}: {shards}. Convert the source again (or copy "
+                "the shards again), or raise data.max_lost_fraction to train without these samples"
+            )
+
+    def _raw_samples(
+        self, segments: Sequence[Segment], rng: random.Random, worker: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        samples = self._read_segments(segments, worker)
         if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from read()
+            yield from samples
             return
         buffer: list[dict[str, Any]] = []
-        for raw in read():
+        for raw in samples:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(raw)
                 continue
@@ -344,7 +439,7 @@ class ShardStream(IterableDataset):
         produced: list[dict[str, Any]] = []
         logged: dict[str, int] = {}
         good = skip
-        for raw in self._raw_samples(segments, rng):
+        for raw in self._raw_samples(segments, rng, worker):
             if skip:
                 skip -= 1
                 continue
@@ -369,6 +464,15 @@ class ShardStream(IterableDataset):
                     f"({self.counter.as_dict()}); the data or the template/tokenizer are wrong"
                 )
             self.counter.add("repeated_to_fill", missing)
+            log.warning(
+                "rank %d worker %d: %d of its %d samples were skipped or lost; repeating %d earlier samples "
+                "to keep batch counts equal across ranks (counted as repeated_to_fill)",
+                self.rank,
+                worker,
+                missing,
+                share,
+                missing,
+            )
             for k in range(missing):
                 yield produced[k % len(produced)]
 
@@ -393,21 +497,51 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 
 
+WORKER_SIGNAL_GRACE_S = 30.0
+"""How long a DataLoader worker keeps serving batches after a preemption signal (SLURM's default `KillWait`:
+after it the scheduler kills every process anyway)."""
+
+
 @dataclass(frozen=True)
 class _WorkerInit:
-    """DataLoader worker start-up: ignore preemption signals, then Lightning's worker seeding when it is on.
+    """DataLoader worker start-up: outlive a preemption signal for a while, then Lightning's worker seeding.
 
-    A scheduler signals every process of a job; the training process saves a checkpoint at its next optimizer
-    step and then shuts its workers down, so a worker must not die of the signal first (`llava_lit.preemption`).
+    A scheduler signals every process of a job. The training process saves a checkpoint at its next optimizer
+    step (`llava_lit.preemption`) and then shuts its workers down, so a worker must keep serving batches until
+    then instead of dying at once (PyTorch's SIGCHLD handler would fail the training process mid-step, before
+    it saves). The signal is not ignored for good either: when the DataLoader itself is shutting its workers
+    down (its `done_event` is set) the worker exits at once, and otherwise `WORKER_SIGNAL_GRACE_S` after the
+    signal (a process that exits without shutting its workers down terminates them with SIGTERM and waits for
+    them). A worker also exits by itself when the training process is gone (PyTorch's worker watchdog).
     """
 
     rank: int
 
     def __call__(self, worker_id: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, _exit_after_grace)
         if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning installs when no worker_init_fn is set
             pl_worker_init_function(worker_id, rank=self.rank)
+
+
+def _exit_after_grace(signum: int, frame: Any) -> None:
+    if _loader_shutting_down(frame):
+        os._exit(128 + signum)
+    timer = threading.Timer(WORKER_SIGNAL_GRACE_S, os._exit, args=(128 + signum,))
+    timer.daemon = True
+    timer.start()
+    signal.signal(signum, signal.SIG_IGN)  # one timer per signal
+
+
+def _loader_shutting_down(frame: Any) -> bool:
+    """Whether the DataLoader is shutting this worker down: the `done_event` of PyTorch's worker loop, found
+    on the interrupted stack (False when it cannot be found: then the grace period applies)."""
+    while frame is not None:
+        if frame.f_code.co_name == "_worker_loop":
+            done = frame.f_locals.get("done_event")
+            return bool(done is not None and done.is_set())
+        frame = frame.f_back
+    return False
 
 
 class _EpochDataLoader(DataLoader):
@@ -448,6 +582,7 @@ class LlavaDataModule(L.LightningDataModule):
         length_group_steps: int = 1,
         cache_samples: bool = False,
         accumulate_grad_batches: int = 1,
+        max_lost_fraction: float = DEFAULT_MAX_LOST_FRACTION,
         world_size: int | None = None,
         rank: int | None = None,
     ) -> None:
@@ -478,6 +613,16 @@ class LlavaDataModule(L.LightningDataModule):
             `num_workers=0`: worker processes are re-created each epoch and would lose the cache.
         accumulate_grad_batches: micro-batches per optimizer step on this rank; injected by the training
             entry point, which derives it from the global batch size.
+        max_lost_fraction: the most samples each rank may lose per epoch to damaged shards (`shard_short`,
+            `shard_unreadable`), as a fraction of its epoch share, for training and validation alike; past it
+            the run stops with `DataLossError` naming the shards. Below it, the lost samples are counted per
+            reason and replaced by repeats (`repeated_to_fill`). `setup()` applies the same bound to the
+            damage it finds before training (shards missing, or whose size differs from the manifest), counted
+            as if one rank read all of it, so a run that passes setup is not stopped later by that damage.
+            Samples skipped for what they contain (mask, length, image) are not counted here: they are
+            properties of the data, counted by the converter's manifest and in `skip_counts`. The default,
+            0.01, lets a run go on past one damaged shard among a few hundred (loudly) and stops one whose
+            copy of the data is broken on a larger scale; 0 stops at the first lost sample.
         world_size / rank: override the distributed layout (default: the trainer, torch.distributed, env).
         """
         super().__init__()
@@ -508,6 +653,9 @@ class LlavaDataModule(L.LightningDataModule):
             )
         self.cache_samples = cache_samples
         self.accumulate_grad_batches = accumulate_grad_batches
+        if not 0 <= max_lost_fraction <= 1:
+            raise ValueError(f"max_lost_fraction must be in [0, 1], got {max_lost_fraction}")
+        self.max_lost_fraction = max_lost_fraction
         self._world_size = world_size
         self._rank = rank
         self._epochs_started = -1
@@ -518,6 +666,8 @@ class LlavaDataModule(L.LightningDataModule):
         """Training samples per epoch over all ranks (after mixing weights); set by `setup("fit")`."""
         self.train_batches_per_epoch = 0
         """Batches per epoch on each rank (the same on every rank); set by `setup("fit")`."""
+        self.damaged_shards: list[DamagedShard] = []
+        """Shards found missing or damaged by `setup()` (within `max_lost_fraction`, or setup raises)."""
 
     @property
     def skip_counts(self) -> dict[str, int]:
@@ -533,10 +683,15 @@ class LlavaDataModule(L.LightningDataModule):
         return _world()
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the manifests, hold out validation shards, and size the epoch."""
+        """Read the manifests, check the shards against them, hold out validation shards, and size the epoch.
+
+        Raises `DataLossError` when the shards found damaged would lose more than `max_lost_fraction` of a
+        rank's epoch (training or validation); the same decision on every rank, before the first batch.
+        """
         self.train_sources, self.val_sources = [], []
+        damaged: dict[str, DamagedShard] = {}
         for spec in self.source_specs:
-            source = _load_source(spec)
+            source = _load_source(spec, damaged)
             held = self.val_shards_per_source
             if held:
                 if held >= len(source.shards):
@@ -546,13 +701,51 @@ class LlavaDataModule(L.LightningDataModule):
                 self.val_sources.append(Source(source.name, 1.0, source.shards[-held:]))
                 source = Source(source.name, source.weight, source.shards[:-held])
             self.train_sources.append(source)
-        self.val_sources += [_load_source({**spec, "weight": 1.0}) for spec in self.val_specs]
+        self.val_sources += [_load_source({**spec, "weight": 1.0}, damaged) for spec in self.val_specs]
         train = self._stream(self.train_sources, shuffle=True)
         self.num_train_samples = train.epoch_samples
         self.train_batches_per_epoch = len(train)
         world_size, _ = self.world()
         if train.rank_samples == 0:
             raise ValueError(f"{self.num_train_samples} training samples cannot feed {world_size} ranks")
+        self.damaged_shards = list(damaged.values())
+        if damaged:
+            self._check_damage(train, damaged, "training")
+            if self.val_sources:
+                self._check_damage(self._stream(self.val_sources, shuffle=False), damaged, "validation")
+
+    def _check_damage(self, stream: ShardStream, damaged: Mapping[str, DamagedShard], split: str) -> None:
+        """Stop (`DataLossError`) when the damaged shards of `stream` could lose more than its bound in an
+        epoch on one rank, else log them. A shard counts as often as an epoch may read it (its source's
+        weight, rounded up)."""
+        hits = [
+            (damaged[path], math.ceil(source.weight))
+            for source in stream.sources
+            for path, _ in source.shards
+            if path in damaged and source.weight > 0
+        ]
+        if not hits:
+            return
+        lost = sum(d.missing * reads for d, reads in hits)
+        listing = "; ".join(
+            f"{d.path}: {d.readable} of {d.expected} samples readable ({d.reason}: {d.detail})"
+            for d, _ in hits
+        )
+        if lost > stream.max_lost:
+            raise DataLossError(
+                f"{split} data: damaged shards would lose up to {lost} samples of an epoch, more than "
+                f"max_lost_fraction={stream.max_lost_fraction} of a rank's {stream.rank_samples} samples "
+                f"allows ({stream.max_lost}): {listing}. Convert the source again (or copy the shards again), "
+                "or raise data.max_lost_fraction to train without these samples"
+            )
+        log.warning(
+            "%s data: damaged shards lose up to %d samples an epoch (within max_lost_fraction=%s); they are "
+            "counted as shard_short/shard_unreadable and replaced by repeats: %s",
+            split,
+            lost,
+            stream.max_lost_fraction,
+            listing,
+        )
 
     def _stream(self, sources: Sequence[Source], *, shuffle: bool) -> ShardStream:
         world_size, rank = self.world()
@@ -578,6 +771,7 @@ class LlavaDataModule(L.LightningDataModule):
             counter=self._counter,
             length_group=self._length_group() if shuffle else 1,  # validation: stream order, comparable loss
             mix_group_batches=shuffle and self.group_by_length and self.length_group_steps > 1,
+            max_lost_fraction=self.max_lost_fraction,
         )
         stream.num_workers = self.num_workers
         return stream
@@ -668,8 +862,11 @@ def _as_specs(sources: Sequence[Mapping[str, Any]] | str | None) -> list[dict[st
     return specs
 
 
-def _load_source(spec: Mapping[str, Any]) -> Source:
+def _load_source(spec: Mapping[str, Any], damaged: dict[str, DamagedShard]) -> Source:
+    """The source of one shard folder, its damaged shards (see `find_damaged_shards`) added to `damaged`."""
     folder = Path(spec["path"])
     manifest = read_manifest(folder)
+    for shard in find_damaged_shards(folder, manifest):
+        damaged.setdefault(shard.path, shard)
     shards = tuple((str(folder / s.name), s.num_samples) for s in manifest.shards if s.num_samples > 0)
     return Source(name=spec.get("name") or manifest.source, weight=float(spec["weight"]), shards=shards)

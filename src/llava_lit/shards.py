@@ -7,12 +7,17 @@ extensions in marker order) and, for image samples, the raw image bytes under th
 metadata (mtime 0, uid/gid 0, sorted members) so the same input gives byte-identical shards. Reading uses
 webdataset's tar iterators with explicit decoders only: JSON is parsed with `json`, images stay bytes for
 `images.decode_image`; nothing is ever unpickled.
+
+The manifest records each shard's sample count and byte size, so a reader can tell a damaged shard (truncated,
+replaced, missing) from the file system alone; `scan_shard` counts the samples a damaged shard still holds.
+Manifests of version 1 (without sizes) are still read.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import statistics
 import tarfile
 from collections.abc import Iterator
@@ -22,14 +27,27 @@ from typing import Any
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from llava_lit.atomic_files import atomic_write_text
+
 MANIFEST_NAME = "manifest.json"
 """File name of the manifest beside the shards."""
 
 SHARD_NAME = "shard-{index:06d}.tar"
 """File name pattern of shards."""
 
-MANIFEST_VERSION = 1
-"""Bumped when the sample format or manifest fields change."""
+MANIFEST_VERSION = 2
+"""Bumped when the sample format or manifest fields change (2: shards carry `size_bytes`)."""
+
+READABLE_MANIFEST_VERSIONS = (1, 2)
+"""Manifest versions `Manifest.from_dict` reads; the sample format is the same in all of them."""
+
+SHARD_LOSS_REASONS = ("shard_short", "shard_unreadable")
+"""Why samples the manifest lists are not read: the shard ends early (`shard_short`), or a read error (a cut
+or corrupt tar, an I/O error, a missing file) stops it (`shard_unreadable`)."""
+
+SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+"""What reading a damaged shard raises: a truncated or corrupt tar (`tarfile.ReadError`), an I/O error or a
+missing file (`OSError`), a duplicated member (`ValueError` from webdataset's grouping)."""
 
 
 @dataclass
@@ -44,6 +62,9 @@ class ShardInfo:
     """Samples with at least one image."""
     num_text_samples: int
     """Text-only samples."""
+    size_bytes: int | None = None
+    """Size of the tar file as written, so training finds a truncated or replaced shard with one `stat`
+    before the first batch; None in manifests of version 1."""
 
 
 @dataclass
@@ -126,9 +147,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         """Parse a manifest dict (as written by `to_json`)."""
-        if data.get("version") != MANIFEST_VERSION:
+        if data.get("version") not in READABLE_MANIFEST_VERSIONS:
             raise ValueError(
-                f"manifest version {data.get('version')} != {MANIFEST_VERSION}; re-run the converter"
+                f"manifest version {data.get('version')} is not one of {READABLE_MANIFEST_VERSIONS}; "
+                "re-run the converter"
             )
         tokens = data.get("token_lengths")
         return cls(
@@ -153,10 +175,8 @@ def read_manifest(folder: str | Path) -> Manifest:
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
-    """Write `manifest.json` into `folder`."""
-    path = Path(folder) / MANIFEST_NAME
-    path.write_text(manifest.to_json())
-    return path
+    """Write `manifest.json` into `folder` atomically (a reader never sees half a manifest)."""
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, manifest.to_json())
 
 
 class ShardWriter:
@@ -200,10 +220,11 @@ class ShardWriter:
         self.shards.append(ShardInfo(name=name, num_samples=0, num_image_samples=0, num_text_samples=0))
 
     def close(self) -> None:
-        """Finish the current shard."""
+        """Finish the current shard and record its size in bytes."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            self.shards[-1].size_bytes = os.path.getsize(self.out_dir / self.shards[-1].name)
 
 
 def iter_raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -213,6 +234,37 @@ def iter_raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
         yield from group_by_keys(files)
 
 
+def _is_complete(raw: dict[str, Any]) -> bool:
+    """Whether a raw sample has its `json` member and every image member its record lists."""
+    if "json" not in raw:
+        return False
+    try:
+        keys = json.loads(raw["json"].decode("utf-8")).get("image_keys", [])
+    except (ValueError, AttributeError):
+        return True  # a malformed record, not a cut tar: left to the decoder, which counts it
+    return not isinstance(keys, list) or all(not isinstance(k, str) or k in raw for k in keys)
+
+
+def iter_complete_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """`iter_raw_samples`, less a last sample that lacks members (a tar cut between one sample's members).
+
+    Only the last sample can be cut: every earlier one was followed by the next sample's members. A read error
+    is raised after the samples read before it.
+    """
+    held: dict[str, Any] | None = None
+    try:
+        for raw in iter_raw_samples(path):
+            if held is not None:
+                yield held
+            held = raw
+    except SHARD_READ_ERRORS:
+        if held is not None:
+            yield held  # complete: the next sample had begun
+        raise
+    if held is not None and _is_complete(held):
+        yield held
+
+
 def parse_sample(raw: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
     """Decode a raw sample explicitly: the record from JSON, and its image bytes in marker order."""
     if "json" not in raw:
@@ -220,3 +272,79 @@ def parse_sample(raw: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
     record = json.loads(raw["json"].decode("utf-8"))
     images = [raw[ext] for ext in record.get("image_keys", [])]
     return record, images
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """What a full read of one shard found."""
+
+    num_samples: int
+    """Complete samples read before the end of the tar or the first error (`iter_complete_samples`)."""
+    error: str | None
+    """The read error that stopped the scan (None when the tar ended cleanly)."""
+
+
+def scan_shard(path: str | Path) -> ShardScan:
+    """Read a whole shard and count its complete samples, stopping at the first read error, as training's
+    reader does. Costs one sequential read of the shard: meant for shards whose size already shows damage.
+    """
+    count = 0
+    try:
+        for _ in iter_complete_samples(path):
+            count += 1
+    except SHARD_READ_ERRORS as err:
+        return ShardScan(count, f"{type(err).__name__}: {err}")
+    return ShardScan(count, None)
+
+
+@dataclass(frozen=True)
+class DamagedShard:
+    """A shard whose file does not match its manifest entry, and what it still holds."""
+
+    path: str
+    """Path of the shard file."""
+    expected: int
+    """Samples the manifest lists for it."""
+    readable: int
+    """Complete samples a full read finds (0 when the file is missing)."""
+    reason: str
+    """`shard_short` (the tar ends early) or `shard_unreadable` (a read error stops it)."""
+    detail: str
+    """What was found: sizes on disk and in the manifest, and the read error."""
+
+    @property
+    def missing(self) -> int:
+        """Samples of the manifest that cannot be read."""
+        return max(0, self.expected - self.readable)
+
+
+def find_damaged_shards(folder: str | Path, manifest: Manifest) -> list[DamagedShard]:
+    """The shards of `manifest` that are missing, or whose size differs from the recorded one and that hold
+    fewer complete samples than listed (each such shard is read once to count them).
+
+    Costs one `stat` per shard when nothing is wrong. Shards of a version-1 manifest (no sizes) are only
+    checked for existence; their damage shows while reading.
+    """
+    damaged = []
+    for info in manifest.shards:
+        if info.num_samples == 0:
+            continue
+        path = Path(folder) / info.name
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            damaged.append(DamagedShard(str(path), info.num_samples, 0, "shard_unreadable", str(err)))
+            continue
+        if info.size_bytes is None or size == info.size_bytes:
+            continue
+        scan = scan_shard(path)
+        if scan.num_samples >= info.num_samples:
+            continue  # a different size, but every listed sample is there
+        sizes = f"{size} bytes on disk, {info.size_bytes} in the manifest"
+        if scan.error is not None:
+            detail = f"{sizes}; {scan.num_samples} complete samples before {scan.error}"
+        else:
+            detail = f"{sizes}; it ends after {scan.num_samples} samples"
+        reason = "shard_unreadable" if scan.error is not None else "shard_short"
+        damaged.append(DamagedShard(str(path), info.num_samples, scan.num_samples, reason, detail))
+    return damaged
