@@ -151,7 +151,7 @@ def answer_batch(
             log.warning("question %s: %s", question.question_id, item["error"])
         records.append(
             {
-                "question_id": question.question_id,
+                "question_id": question.written_id,  # as the question file wrote it (int or string)
                 "prompt": question.text,
                 "text": text,
                 "answer_id": uuid.uuid4().hex,

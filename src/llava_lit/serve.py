@@ -6,7 +6,8 @@
 `openai` client and anything built on it work unchanged. Images come as `image_url` parts holding data URIs;
 local paths (`file://...`) only with `allow_local_images=true`; nothing is fetched from the network. Requests
 that arrive together with the same sampling settings are answered in one batch. Bad requests get a 4xx with an
-OpenAI-style error body. The server binds 127.0.0.1 unless told otherwise.
+OpenAI-style error body (a `max_tokens` below 1, or text that writes `<image>` without sending one, among them).
+The server binds 127.0.0.1 unless told otherwise and logs to `outputs/serve/<date_time>/serve.log`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.images import ImageDecodeError
@@ -113,8 +114,8 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = 0.0
     top_p: float = 1.0
     stop: str | list[str] | None = None
@@ -174,14 +175,18 @@ def request_prompt(request: ChatRequest, bundle: InferenceBundle, *, allow_local
                 400, f"message {i} has no content", code="invalid_message", param=f"messages.{i}.content"
             )
         if isinstance(content, str):
-            turns.append({"role": message.role, "content": content.replace(IMAGE_TOKEN, "")})
+            _check_no_image_marker(content, message.role, f"messages.{i}.content")
+            turns.append({"role": message.role, "content": content})
             continue
         texts = []
+        has_image = any(isinstance(p, dict) and p.get("type") == "image_url" for p in content)
         for j, part in enumerate(content):
             kind = part.get("type")
             param = f"messages.{i}.content.{j}"
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"].replace(IMAGE_TOKEN, ""))
+                if not has_image:
+                    _check_no_image_marker(part["text"], message.role, param)
+                texts.append(part["text"].replace(IMAGE_TOKEN, ""))  # image_url parts place the images
             elif kind == "image_url" and message.role == "user":
                 image_url = part.get("image_url")
                 url = image_url.get("url") if isinstance(image_url, dict) else image_url
@@ -211,6 +216,19 @@ def request_prompt(request: ChatRequest, bundle: InferenceBundle, *, allow_local
         return bundle.prompt(turns, images)
     except PromptError as err:
         raise ApiError(400, str(err), code="invalid_message", param="messages") from err
+
+
+def _check_no_image_marker(text: str, role: str, param: str) -> None:
+    """Refuse a message that writes `<image>` but carries no image: the question is about an image the model
+    would never see, and it would answer anyway."""
+    if IMAGE_TOKEN in text:
+        raise ApiError(
+            400,
+            f"a {role} message contains {IMAGE_TOKEN} but no image: send the image as an image_url part "
+            "(a base64 data URI); its position in the message places it",
+            code="invalid_message",
+            param=param,
+        )
 
 
 @dataclass
@@ -318,7 +336,8 @@ def create_app(bundle: InferenceBundle, cfg: ServeConfig) -> FastAPI:
             )
         if request.n != 1:
             raise ApiError(400, "only n=1 is supported", code="invalid_request", param="n")
-        max_tokens = request.max_completion_tokens or request.max_tokens or cfg.default_max_tokens
+        given = (request.max_completion_tokens, request.max_tokens)
+        max_tokens = next((n for n in given if n is not None), cfg.default_max_tokens)
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         try:
             params = SamplingParams(

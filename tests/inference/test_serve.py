@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from inference_helpers import png_bytes
 
+from inference_helpers import png_bytes
 from llava_lit.inference import SamplingParams
 from llava_lit.serve import ServeConfig, create_app
 
@@ -164,6 +164,14 @@ def test_concurrent_requests_are_batched(client, server):
         ),
         ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "last message"),
         ({"temperature": -1}, 400, "temperature"),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "<image>\nWhat is in the image?"}]}, 400, "no image"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is this?"}]}]},
+            400,
+            "no image",
+        ),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(client, kwargs, status, needle):
@@ -183,3 +191,34 @@ def test_malformed_json_body_is_a_400(server):
     response = httpx.post(server[0] + "/chat/completions", json={"model": "tiny/finetune"}, timeout=30)
     assert response.status_code == 400
     assert "messages" in response.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_the_command_logs_under_outputs_not_the_working_directory(tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLAVA_LIT_OUTPUTS": str(tmp_path / "outputs"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "llava_lit.serve", f"checkpoint={tiny_checkpoint}", f"port={port}"]
+    server = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the server did not start")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert not (tmp_path / "serve.log").exists()
+    (log,) = (tmp_path / "outputs" / "serve").glob("*/serve.log")
+    assert "serving tiny/finetune" in log.read_text()

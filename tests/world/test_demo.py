@@ -74,3 +74,43 @@ def test_demo_runs_every_step_with_the_ablation_beside_the_finetune(tmp_path, ca
     # A second evaluation takes the trained ablation as it is.
     again = world_evaluate.run([*overrides, "evaluate.no_align=trained"])
     assert again["table"]["overall"]["no stage 1"] == report["table"]["overall"]["no stage 1"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_demo_reaches_its_step_which_saves_and_the_demo_stops(train_overrides, tmp_path):
+    """SIGTERM to `python -m llava_lit.world.demo` (a `kill`, a job's end) reaches the training step it runs,
+    which saves a checkpoint and stops; the demo then stops too, saying how to continue, instead of going on
+    to the next stage."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "outputs"
+    overrides = [
+        *[o for o in train_overrides(out, "align") if not o.startswith("stage=")],
+        "+logger.csv.flush_logs_every_n_steps=1",
+        "trainer.max_steps=200",
+        "epochs.align=1000",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    demo_process = subprocess.Popen(
+        [sys.executable, "-m", "llava_lit.world.demo", *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = out / "world" / "align" / "csv" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):
+        assert time.monotonic() < deadline and demo_process.poll() is None, "align did not get going"
+        time.sleep(0.05)
+    demo_process.send_signal(signal.SIGTERM)
+    output, _ = demo_process.communicate(timeout=300)
+    assert demo_process.returncode == 1, output[-3000:]
+    assert "stage=align stopped on SIGTERM after saving a checkpoint (exit code 143)" in output
+    assert "ckpt_path=last" in output
+    assert (out / "world" / "align" / "checkpoints" / "last.ckpt").is_file()
+    assert not (out / "world" / "finetune").exists()  # the demo did not go on with a half-trained projector

@@ -29,6 +29,14 @@ class Question:
     """The full user prompt, instruction suffix included, without the `<image>` marker."""
     category: str
     """Benchmark-specific group (POPE split, MME subtask, ScienceQA subject...)."""
+    file_id: str | int | None = None
+    """The id exactly as the question file wrote it (VQAv2 and MMBench use integers), which answer files echo
+    back so the official submission converters match them; None = `question_id`."""
+
+    @property
+    def written_id(self) -> str | int:
+        """The `question_id` an answer line carries: the question file's own value and type."""
+        return self.question_id if self.file_id is None else self.file_id
 
 
 def write_questions(path: str | Path, questions: Iterable[Question]) -> int:
@@ -38,7 +46,9 @@ def write_questions(path: str | Path, questions: Iterable[Question]) -> int:
     n = 0
     with path.open("w", encoding="utf-8") as f:
         for q in questions:
-            f.write(json.dumps(asdict(q), ensure_ascii=False) + "\n")
+            row = {k: v for k, v in asdict(q).items() if k != "file_id"}
+            row["question_id"] = q.written_id
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
 
@@ -48,12 +58,18 @@ def read_questions(path: str | Path) -> list[Question]:
     out = []
     for lineno, row in _read_jsonl(path):
         try:
+            file_id = row["question_id"]
+            if isinstance(file_id, bool) or not isinstance(file_id, (str, int)):
+                raise ValueError(
+                    f"{path}:{lineno}: question_id must be a string or an integer, got {file_id!r}"
+                )
             out.append(
                 Question(
-                    question_id=str(row["question_id"]),
+                    question_id=str(file_id),
                     image=row.get("image"),
                     text=row["text"],
                     category=str(row.get("category", "")),
+                    file_id=file_id,
                 )
             )
         except KeyError as err:
