@@ -72,7 +72,7 @@ def questions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _answers(path: Path) -> dict[str, str]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["question_id"]: r["text"] for r in rows}
+    return {str(r["question_id"]): r["text"] for r in rows}
 
 
 def test_exported_folder_predicts_like_its_checkpoint(

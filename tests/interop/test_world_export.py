@@ -65,7 +65,7 @@ def transformers_answers(folder: Path, questions: list[dict], images: Path) -> d
 
 def _answers(path: Path) -> dict[str, str]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["question_id"]: r["text"] for r in rows}
+    return {str(r["question_id"]): r["text"] for r in rows}
 
 
 @pytest.mark.slow
