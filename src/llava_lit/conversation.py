@@ -43,7 +43,9 @@ class Rendered:
     text: str
     """The full text to tokenize (without BOS: the tokenizer adds it)."""
     target_spans: tuple[tuple[int, int], ...]
-    """Character `[start, end)` spans of each assistant answer plus its end-of-turn string, in order."""
+    """Character `[start, end)` spans of each assistant answer plus its end-of-turn string, in order; a span
+    starts where an inference prompt ends (`ChatTemplate.generation_prompt`), so the assistant header's trailing
+    space belongs to it."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,11 @@ class ChatTemplate:
                     text = system + text
                 add(self.user_prefix + text + self.user_suffix)
             else:
+                # The span starts where the inference prompt ends (`generation_prompt`), so it holds the header's
+                # trailing space: the official masks learn the token that carries it (a lone `▁` before an answer
+                # starting with a digit, `▁The` otherwise).
+                start = length + len(self.generation_prompt)
                 add(self.assistant_prefix)
-                start = length
                 add(text + self.end_of_turn)
                 spans.append((start, length))
         if add_generation_prompt:
