@@ -212,16 +212,15 @@ LLAMA_2 = ChatTemplate(
 
 CHATML = ChatTemplate(
     name="chatml",
-    system="Answer the questions.",
+    system="You are a helpful assistant.",
     system_format="<|im_start|>system\n{system}<|im_end|>\n",
     system_in_first_user=False,
     user_prefix="<|im_start|>user\n",
     user_suffix="<|im_end|>\n",
     assistant_prefix="<|im_start|>assistant\n",
-    end_of_turn="<|im_end|>",
-    turn_separator="\n",
+    end_of_turn="<|im_end|>\n",
 )
-"""ChatML (`chatml_direct` in LLaVA-1.6): `<|im_start|>role\\n...<|im_end|>` blocks."""
+"""ChatML as LLaVA-NeXT's Qwen models use it (`conv_qwen`): `<|im_start|>role\\n...<|im_end|>\\n` blocks."""
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (PLAIN, VICUNA_V1, LLAMA_2, CHATML)}
 """The templates by config name."""

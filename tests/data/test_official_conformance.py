@@ -4,7 +4,8 @@
 (haotian-liu/LLaVA: `preprocess_multimodal`, `preprocess_plain` / `preprocess_v1` / `preprocess_llama_2`,
 `tokenizer_image_token`, and the prompt lines of `model_vqa_loader` / `model_vqa_science`) with its pinned
 transformers 4.37.2, on the real 32k LLaMA-style SentencePiece model this test suite uses, in both `legacy`
-modes; the file's `provenance` says exactly how. Image positions are the official -200; here each image is one
+modes; the file's `provenance` says exactly how. Its `chatml` part holds the same for LLaVA-NeXT's Qwen ChatML
+preprocessing, on a ChatML tokenizer built for these tests (`golden/chatml_tokenizer`). Image positions are the official -200; here each image is one
 placeholder (`num_image_tokens=1`), so positions line up one to one.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_lit.constants import IGNORE_INDEX
 from llava_lit.conversation import get_template
 from llava_lit.inference.prompts import build_prompt
 from llava_lit.predict import question_turns
@@ -97,3 +99,46 @@ def test_training_records_the_mode_it_used(compose_train):
     cfg = compose_train("model.tokenizer_legacy=false")
     module, _ = build_components(cfg)
     assert module.run_config["model"]["tokenizer_legacy"] is False
+
+
+CHATML = GOLDEN["chatml"]
+CHATML_TOKENIZER = Path(__file__).parent / "golden" / "chatml_tokenizer"
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    return load_tokenizer(str(CHATML_TOKENIZER))
+
+
+@pytest.mark.parametrize("case", CHATML["cases"], ids=lambda c: c["name"])
+def test_chatml_samples_equal_llava_next(case, chatml_tokenizer):
+    """The ids of LLaVA-NeXT's Qwen ChatML preprocessing; the labels train on a part of what it trains on (the
+    answers and their `<|im_end|>\\n`, not the role headers and every newline it also trains on)."""
+    encoded = encode_conversation(
+        case["conversations"],
+        tokenizer=chatml_tokenizer,
+        template="chatml",
+        num_image_tokens=1,
+        max_length=2048,
+        num_images=case["input_ids"].count(OFFICIAL_IMAGE),
+    )
+    assert official_view(encoded.input_ids.tolist(), chatml_tokenizer) == case["input_ids"]
+    labels = official_view(encoded.labels.tolist(), chatml_tokenizer)
+    trained = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert trained and all(labels[k] == case["labels"][k] for k in trained)
+    decoded = chatml_tokenizer.decode([labels[k] for k in trained])
+    answers = [turn["value"] for turn in case["conversations"] if turn["from"] == "gpt"]
+    assert decoded == "".join(f"{answer}<|im_end|>\n" for answer in answers)
+
+
+@pytest.mark.parametrize("prompt", CHATML["prompts"], ids=lambda p: p["question"][:20])
+def test_chatml_prompts_equal_llava_next(prompt, chatml_tokenizer):
+    images = prompt["question"].count("<image>")
+    built = build_prompt(
+        [{"from": "human", "value": prompt["question"]}],
+        tokenizer=chatml_tokenizer,
+        template=get_template("chatml"),
+        num_image_tokens=1,
+        pixel_values=torch.zeros(images, 3, 8, 8) if images else None,
+    )
+    assert official_view(built.input_ids, chatml_tokenizer) == prompt["input_ids"]
