@@ -43,7 +43,9 @@ class Rendered:
     text: str
     """The full text to tokenize (without BOS: the tokenizer adds it)."""
     target_spans: tuple[tuple[int, int], ...]
-    """Character `[start, end)` spans of each assistant answer plus its end-of-turn string, in order."""
+    """Character `[start, end)` spans of each assistant answer plus its end-of-turn string, in order; a span
+    starts where an inference prompt ends (`ChatTemplate.generation_prompt`), so the assistant header's trailing
+    space belongs to it."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,11 @@ class ChatTemplate:
                     text = system + text
                 add(self.user_prefix + text + self.user_suffix)
             else:
+                # The span starts where the inference prompt ends (`generation_prompt`), so it holds the header's
+                # trailing space: the official masks learn the token that carries it (a lone `▁` before an answer
+                # starting with a digit, `▁The` otherwise).
+                start = length + len(self.generation_prompt)
                 add(self.assistant_prefix)
-                start = length
                 add(text + self.end_of_turn)
                 spans.append((start, length))
         if add_generation_prompt:
@@ -207,16 +212,15 @@ LLAMA_2 = ChatTemplate(
 
 CHATML = ChatTemplate(
     name="chatml",
-    system="Answer the questions.",
+    system="You are a helpful assistant.",
     system_format="<|im_start|>system\n{system}<|im_end|>\n",
     system_in_first_user=False,
     user_prefix="<|im_start|>user\n",
     user_suffix="<|im_end|>\n",
     assistant_prefix="<|im_start|>assistant\n",
-    end_of_turn="<|im_end|>",
-    turn_separator="\n",
+    end_of_turn="<|im_end|>\n",
 )
-"""ChatML (`chatml_direct` in LLaVA-1.6): `<|im_start|>role\\n...<|im_end|>` blocks."""
+"""ChatML as LLaVA-NeXT's Qwen models use it (`conv_qwen`): `<|im_start|>role\\n...<|im_end|>\\n` blocks."""
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (PLAIN, VICUNA_V1, LLAMA_2, CHATML)}
 """The templates by config name."""

@@ -344,7 +344,8 @@ def generate_answers(
     run_config = module.run_config
     model_cfg = run_config["model"]
     tokenizer = load_tokenizer(
-        str(model_cfg.get("tokenizer_name_or_path") or model_cfg["language_model"]["name_or_path"])
+        str(model_cfg.get("tokenizer_name_or_path") or model_cfg["language_model"]["name_or_path"]),
+        legacy=model_cfg.get("tokenizer_legacy"),
     )
     bundle = bundle_from_model(module.model, tokenizer, run_config)
     generator = bundle.generator()

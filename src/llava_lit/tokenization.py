@@ -1,10 +1,23 @@
 """Tokenizer loading and the one place where conversations become input ids and label masks.
 
-The mask is built from the text itself: the template renders the whole conversation once, the tokenizer
-tokenizes that text once with character offsets, and a token is a label exactly when its characters lie in an
-answer span. There is no per-round re-tokenization whose lengths could drift from the real ids (the cause of
-LLaVA's silent "tokenization mismatch"). When the spans do not fall on token boundaries, or nothing is left to
-learn, the sample raises `SkipSample`; it is never trained at zero loss.
+The ids are the official LLaVA preprocessing's, token for token (`tests/data/test_official_conformance.py`
+checks them against ids produced by the official code): the template renders the whole conversation once, and
+the text between image markers is tokenized piece by piece, as the official `tokenizer_image_token` does, so
+each piece starts as a text of its own would (with SentencePiece's leading `▁` in non-legacy tokenizers), with
+one BOS at the front and the image marker's id between pieces.
+
+The mask is built from the text itself: every piece is tokenized once with character offsets, and a token is a
+label exactly when it starts inside an answer span, which runs from the end of the assistant's role header (the
+space after `ASSISTANT:` included, so the lone `▁` SentencePiece puts before an answer starting with a digit is
+learned, as the official masks learn it) to the end of the answer's end-of-turn string. There is no per-round
+re-tokenization whose lengths could drift from the real ids (the cause of LLaVA's silent "tokenization
+mismatch"). When a span does not fall on token boundaries, or nothing is left to learn, the sample raises
+`SkipSample`; it is never trained at zero loss.
+
+The tokenizer's `legacy` mode (how SentencePiece treats the text after a special token such as `</s>`) changes
+the ids, so it is decided once: a setting (`model.tokenizer_legacy`), else the tokenizer folder's own
+`tokenizer_config.json`, else `legacy=True`, which is what transformers 4.37 (the official LLaVA stack) uses for
+a folder that does not say (transformers 5 would silently use `legacy=False` there).
 """
 
 from __future__ import annotations
@@ -49,11 +62,37 @@ class EncodedSample:
     """LongTensor[L]: `input_ids[i]` where trained, `IGNORE_INDEX` elsewhere."""
 
 
-def load_tokenizer(name_or_path: str, *, model_max_length: int | None = None) -> PreTrainedTokenizerBase:
+DEFAULT_LEGACY = True
+"""`legacy` for a SentencePiece tokenizer whose folder does not record it: transformers 4.37's default, the
+version the official LLaVA code trains and evaluates with."""
+
+
+def recorded_legacy(name_or_path: str) -> bool | None:
+    """The `legacy` value a tokenizer folder (or hub repository) records in its `tokenizer_config.json`."""
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    try:
+        config = get_tokenizer_config(name_or_path)
+    except (OSError, ValueError):
+        return None
+    value = config.get("legacy") if isinstance(config, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def load_tokenizer(
+    name_or_path: str, *, legacy: bool | None = None, model_max_length: int | None = None
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer (hub id or folder), add `<image>` and a pad token if missing, pad on the right.
 
-    A folder holding only a SentencePiece `tokenizer.model` loads as a LLaMA tokenizer that adds BOS. The
-    tokenizer must be a fast one: masks are built from its character offsets.
+    Args:
+        name_or_path: the tokenizer's folder or hub id. A folder holding only a SentencePiece `tokenizer.model`
+            loads as a LLaMA tokenizer that adds BOS.
+        legacy: the SentencePiece `legacy` mode; None = the folder's `tokenizer_config.json`, else
+            `DEFAULT_LEGACY`. Ignored by tokenizers without the setting (byte-level BPE, ...);
+            `tokenizer_legacy(tokenizer)` tells the mode a tokenizer was loaded in.
+        model_max_length: recorded on the tokenizer.
+
+    The tokenizer must be a fast one: masks are built from its character offsets.
     """
     folder = Path(name_or_path)
     only_sentencepiece = (
@@ -62,11 +101,18 @@ def load_tokenizer(name_or_path: str, *, model_max_length: int | None = None) ->
         and not (folder / "tokenizer.json").exists()
         and not (folder / "tokenizer_config.json").exists()
     )
+    if legacy is None:
+        legacy = None if only_sentencepiece else recorded_legacy(name_or_path)
+        legacy = DEFAULT_LEGACY if legacy is None else legacy
     if only_sentencepiece:
         # transformers 5: `LlamaTokenizer(vocab_file=...)` ignores the file; from_pretrained converts it.
-        tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=True)
+        tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=legacy, add_bos_token=True)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if tokenizer_legacy(tokenizer) not in (None, legacy):
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, legacy=legacy)
+    if tokenizer_legacy(tokenizer) not in (None, legacy):
+        raise ValueError(f"{name_or_path}: the tokenizer did not load with legacy={legacy}")
     if not tokenizer.is_fast:
         raise ValueError(f"{name_or_path}: a fast (tokenizers-backed) tokenizer is needed for offset masks")
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -77,6 +123,12 @@ def load_tokenizer(name_or_path: str, *, model_max_length: int | None = None) ->
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+def tokenizer_legacy(tokenizer: PreTrainedTokenizerBase) -> bool | None:
+    """The SentencePiece `legacy` mode `tokenizer` runs in; None for tokenizers without one."""
+    value = getattr(tokenizer, "legacy", None)
+    return value if isinstance(value, bool) else None
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -116,9 +168,7 @@ def encode_conversation(
         raise SkipSample("bad_roles", "no assistant answer")
 
     text = rendered.text
-    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids: list[int] = encoding["input_ids"]
-    offsets: list[tuple[int, int]] = encoding["offset_mapping"]
+    ids, offsets = tokenize_with_images(text, tokenizer)
     is_label = _label_mask(text, offsets, rendered.target_spans)
 
     img_id = image_token_id(tokenizer)
@@ -150,13 +200,43 @@ def encode_conversation(
     )
 
 
+def tokenize_with_images(
+    text: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`, tokenized as the official `tokenizer_image_token` does.
+
+    The text between `<image>` markers is tokenized piece by piece, each as a text of its own (BOS added, and
+    SentencePiece's leading `▁` for non-legacy tokenizers); the first piece keeps its BOS, the later ones drop
+    it, and each marker becomes the `<image>` token's id. Offsets index into `text`.
+    """
+    img_id = image_token_id(tokenizer)
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    position = 0
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(img_id)
+            offsets.append((position - len(IMAGE_TOKEN), position))
+        encoding = tokenizer(piece, add_special_tokens=True, return_offsets_mapping=True)
+        piece_ids: list[int] = encoding["input_ids"]
+        piece_offsets: list[tuple[int, int]] = encoding["offset_mapping"]
+        drop = 1 if k and piece_ids[:1] == [bos] and bos is not None else 0
+        ids.extend(piece_ids[drop:])
+        offsets.extend((s + position, e + position) for s, e in piece_offsets[drop:])
+        position += len(piece) + len(IMAGE_TOKEN)
+    return ids, offsets
+
+
 def _label_mask(
     text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[bool]:
-    """Mark tokens whose characters lie in a target span; raise if a span does not fall on token boundaries.
+    """Mark the tokens that start inside a target span; raise if a span does not fall on token boundaries.
 
-    A token may reach outside its span only over whitespace (SentencePiece glues the space before an answer to
-    its first token). Every non-space character of a span must be covered by the span's tokens.
+    A span starts where the assistant's header ends (its trailing space included). A token starting before a
+    span may reach into it only over whitespace, and a label token may reach past the span's end only over
+    whitespace; every non-space character of a span must be covered by the span's tokens. Zero-width tokens
+    (a piece's BOS) are never labels.
     """
     is_label = [False] * len(offsets)
     for start, end in spans:
@@ -165,10 +245,12 @@ def _label_mask(
         for k, (s, e) in enumerate(offsets):
             if e <= start or s >= end or s == e:
                 continue
-            if text[s:start].strip() or text[end:e].strip():
+            if (s < start and text[start:e].strip()) or text[end:e].strip():
                 raise SkipSample(
                     "target_misaligned", f"token {text[s:e]!r} crosses span {text[start:end]!r:.60}"
                 )
+            if s < start:
+                continue  # a token ending in the span's leading whitespace belongs to the header
             is_label[k] = True
             count += 1
             covered[max(s, start) - start : min(e, end) - start] = b"\x01" * (min(e, end) - max(s, start))

@@ -29,7 +29,7 @@ from llava_lit.preemption import preempted
 from llava_lit.projector_io import load_projector
 from llava_lit.sharding import ShardingConfig
 from llava_lit.stages import StageFreezer
-from llava_lit.tokenization import load_tokenizer
+from llava_lit.tokenization import load_tokenizer, tokenizer_legacy
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,11 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
                     cfg.data[key],
                 )
     tokenizer_src = cfg.model.get("tokenizer_name_or_path") or cfg.model.language_model.name_or_path
-    tokenizer = load_tokenizer(tokenizer_src, model_max_length=cfg.data.max_length)
+    tokenizer = load_tokenizer(
+        tokenizer_src, legacy=cfg.model.get("tokenizer_legacy"), model_max_length=cfg.data.max_length
+    )
+    with open_dict(cfg):  # checkpoints record the mode the ids were made with: a reload never flips it
+        cfg.model.tokenizer_legacy = tokenizer_legacy(tokenizer)
     if pretrained is not None:
         model = pretrained.config.build(tokenizer)
         pretrained.load_into(model)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from inference_helpers import png_bytes, save_checkpoint, tiny_run_config
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+
 from inference_helpers import png_bytes
 
 pexpect = pytest.importorskip("pexpect")

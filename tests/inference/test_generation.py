@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inference_helpers import png_bytes
 
+from inference_helpers import png_bytes
 from llava_lit.inference import SamplingParams, load_for_inference
 from llava_lit.inference.generation import _settled_prefix
 from llava_lit.tokenization import encode_conversation

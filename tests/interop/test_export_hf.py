@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from llava_lit.inference.generation import SamplingParams
 from llava_lit.inference.loading import bundle_from_model, load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.interop.pretrained import load_pretrained_llava
+from llava_lit.tokenization import load_tokenizer
 
 RUN_CONFIG = {
     "data": {"template": "vicuna_v1", "image_aspect": "pad"},
@@ -116,6 +118,25 @@ def test_system_prompt_survives_export_and_import(tiny_llava, llama_tokenizer, t
     assert bundle.template == template
     text = bundle.tokenizer.decode(bundle.prompt([{"from": "human", "value": "Hi"}]).input_ids)
     assert "USER: Hi ASSISTANT:" in text and "chat between" not in text
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_the_tokenizer_mode_survives_export_and_import(
+    legacy, tiny_llava, llama_tokenizer_dir, tmp_path
+) -> None:
+    """The export tokenizes as the model was trained, under transformers and llava_lit alike: the SentencePiece
+    `legacy` mode is in its tokenizer files and written into `tokenizer_config.json` (transformers 5 does not
+    write it, and reads a folder without it as non-legacy)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_tokenizer(str(llama_tokenizer_dir), legacy=legacy)
+    other = load_tokenizer(str(llama_tokenizer_dir), legacy=not legacy)
+    folder = export_hf_llava(tiny_llava, tokenizer, tmp_path / "hf", template="vicuna_v1", image_aspect="pad")
+    assert json.loads((folder / "tokenizer_config.json").read_text())["legacy"] is legacy
+    text = "USER: Hi</s>USER: Again"
+    assert tokenizer(text)["input_ids"] != other(text)["input_ids"]  # the modes differ after `</s>`
+    for reloaded in (AutoTokenizer.from_pretrained(str(folder)), load_for_inference(str(folder)).tokenizer):
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 
 def test_bf16_export_verifies(make_tiny, llama_tokenizer, tmp_path: Path) -> None:

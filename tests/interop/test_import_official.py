@@ -12,54 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import LlamaTokenizer
 
+from inference_helpers import write_official
 from llava_lit.interop.pretrained import load_pretrained_llava
-
-BASE_VOCAB = 32000
-
-
-def write_official(
-    model, folder: Path, tiny_backbones: Path, llama_tokenizer_dir: Path, *, with_tower: bool
-) -> Path:
-    """Save `model` as the official code would (vocabulary without the added tokens)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state: dict[str, torch.Tensor] = {}
-    for key, value in model.projector.state_dict().items():
-        state[f"model.mm_projector.{key}"] = value
-    for (
-        key,
-        value,
-    ) in model.language_model.state_dict().items():  # model.layers.*, model.embed_tokens, lm_head
-        if key in ("model.embed_tokens.weight", "lm_head.weight"):
-            value = value[:BASE_VOCAB]  # official checkpoints never hold <image>/<pad> rows
-        state[key] = value
-    if with_tower:
-        for key, value in model.vision_tower.backbone.state_dict().items():
-            state[f"model.vision_tower.vision_tower.vision_model.{key}"] = value
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-    config = model.language_model.config.to_dict()
-    config.update(
-        model_type="llava_llama",
-        architectures=["LlavaLlamaForCausalLM"],
-        vocab_size=BASE_VOCAB,
-        mm_vision_tower=str(tiny_backbones / "clip"),
-        mm_hidden_size=32,
-        mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2,
-        mm_vision_select_feature="patch",
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-        mm_patch_merge_type="flat",
-        image_aspect_ratio="pad",
-        tokenizer_padding_side="right",
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    LlamaTokenizer.from_pretrained(
-        str(llama_tokenizer_dir), legacy=False, add_bos_token=True
-    ).save_pretrained(folder)
-    return folder
 
 
 def _logits(model, image_token_id: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_import_official import write_official
 
+from inference_helpers import write_official
 from llava_lit.export import main as export_main
 from llava_lit.inference import load_for_inference
 from llava_lit.predict import predict

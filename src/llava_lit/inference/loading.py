@@ -334,7 +334,7 @@ INFERENCE_DATA_KEYS = ("template", "system_prompt", "image_aspect", "max_length"
 def _build(run_config: Mapping[str, Any]) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
     """The tokenizer and the model architecture from the (checked) run config; weights come from the checkpoint."""
     config = LlavaModelConfig.from_data(run_config["model"], source="run config")
-    tokenizer = load_tokenizer(config.tokenizer_source)
+    tokenizer = load_tokenizer(config.tokenizer_source, legacy=config.tokenizer_legacy)
     # The checkpoint holds every LLM weight: build the architecture only instead of loading the base weights.
     config = dataclasses.replace(
         config, language_model=dataclasses.replace(config.language_model, pretrained=False)

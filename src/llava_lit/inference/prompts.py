@@ -1,8 +1,9 @@
 """Inference prompts, built by the same template and tokenizer code that built the training masks.
 
 A prompt is the conversation so far rendered with `add_generation_prompt=True`, so its text ends where the
-assistant's answer begins and its token ids are a prefix of the training tokenization of the same conversation
-with the answer filled in. The template places image markers as in training, and each one is
+assistant's answer begins, tokenized as training tokenizes (`tokenization.tokenize_with_images`, the official
+`tokenizer_image_token`): for an official LLaVA-1.5 checkpoint it is the `model_vqa_loader` /
+`model_vqa_science` prompt token for token. The template places image markers as in training, and each one is
 expanded into the vision tower's `num_image_tokens` placeholders.
 """
 
@@ -15,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llava_lit.conversation import ChatTemplate, ConversationError
-from llava_lit.tokenization import SkipSample, check_image_markers, image_token_id
+from llava_lit.tokenization import SkipSample, check_image_markers, image_token_id, tokenize_with_images
 
 
 class PromptError(ValueError):
@@ -60,7 +61,7 @@ def build_prompt(
     an `<image>` marker in a user turn, matched in order with `pixel_values` ([n, 3, H, W]).
     """
     text = render_prompt_text(turns, template)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids, _ = tokenize_with_images(text, tokenizer)
     img_id = image_token_id(tokenizer)
     found = sum(1 for token in ids if token == img_id)
     expected = 0 if pixel_values is None else int(pixel_values.shape[0])

@@ -10,6 +10,7 @@ training image handling (`pad` -> `do_pad`), the generation config and a model c
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llava_lit.atomic_files import atomic_write_text
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.conversation import ChatTemplate, get_template
 from llava_lit.interop.chat_template import to_jinja
 from llava_lit.interop.model_card import ModelCardInfo, render_model_card
 from llava_lit.model.hf_interop import to_hf_llava_state_dict
 from llava_lit.model.llava import LlavaModel
+from llava_lit.tokenization import tokenizer_legacy
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +154,27 @@ def export_hf_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token; "default" strategy drops it again
     )
     processor.save_pretrained(out)
+    record_tokenizer_legacy(out, tokenizer)
     (out / "README.md").write_text(
         render_model_card(card or ModelCardInfo(), config=config, template=template.name)
     )
     log.info("exported transformers LLaVA to %s (%d tensors)", out, len(state))
     return out
+
+
+def record_tokenizer_legacy(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Write the tokenizer's `legacy` mode into the folder's `tokenizer_config.json`.
+
+    transformers 5 does not save it, and reads a folder without it as non-legacy while transformers 4.37 and
+    llava_lit read it as legacy: with the key written, every loader tokenizes the export as it was trained.
+    """
+    legacy = tokenizer_legacy(tokenizer)
+    path = folder / "tokenizer_config.json"
+    if legacy is None or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config["legacy"] = legacy
+    atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _export_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

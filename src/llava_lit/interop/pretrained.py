@@ -67,7 +67,7 @@ class PretrainedLlava:
     ) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
         """Build the model from `config`, load the weights, and return it with its tokenizer."""
         if tokenizer is None:
-            tokenizer = load_tokenizer(self.config.tokenizer_source)
+            tokenizer = load_tokenizer(self.config.tokenizer_source, legacy=self.config.tokenizer_legacy)
         model = self.config.build(tokenizer)
         self.load_into(model)
         return model, tokenizer

@@ -180,6 +180,10 @@ class LlavaModelConfig:
     """How to build the language model."""
     tokenizer_name_or_path: str | None = None
     """Where the tokenizer is loaded from; None = `language_model.name_or_path`."""
+    tokenizer_legacy: bool | None = None
+    """The SentencePiece tokenizer's `legacy` mode (it changes the ids of text after special tokens); None = the
+    tokenizer folder's own setting, else legacy (see `tokenization.load_tokenizer`). Training records the mode
+    it used here, so inference and exports never flip it."""
 
     @property
     def tokenizer_source(self) -> str:
@@ -252,16 +256,17 @@ def build_llava(
     tokenizer: PreTrainedTokenizerBase,
     device: str | torch.device | None = None,
     tokenizer_name_or_path: str | None = None,
+    tokenizer_legacy: bool | None = None,
 ) -> LlavaModel:
     """Build a `LlavaModel` (the Hydra target of `conf/model/*.yaml`).
 
     `device="meta"` builds the real-size architecture without memory or weights (configs come from
     `config_path` / the checkpoints' `config.json`), for parameter counting and deferred FSDP init. Any other
-    device loads on the CPU and then moves there. `tokenizer_name_or_path` is read by the caller that loads the
-    tokenizer (falling back to `language_model.name_or_path`); it is accepted here only so the model config node
-    can be instantiated as is.
+    device loads on the CPU and then moves there. `tokenizer_name_or_path` and `tokenizer_legacy` are read by the
+    caller that loads the tokenizer; they are accepted here only so the model config node can be instantiated
+    as is.
     """
-    del tokenizer_name_or_path  # consumed by the tokenizer loader, see docstring
+    del tokenizer_name_or_path, tokenizer_legacy  # consumed by the tokenizer loader, see docstring
     if isinstance(vision_tower, dict):
         vision_tower = VisionTowerConfig(**vision_tower)
     if isinstance(language_model, dict):

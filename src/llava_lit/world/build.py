@@ -267,7 +267,9 @@ def _write_shards(records: dict[str, list[dict]], cfg: WorldConfig, out: Path, a
     from llava_lit.convert import convert
     from llava_lit.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(str(out / "llm"))
+    tokenizer = load_tokenizer(
+        str(out / "llm"), legacy=False
+    )  # trained non-legacy (backbones.train_tokenizer)
     stats = {}
     for name, recs in records.items():
         manifest = convert(
