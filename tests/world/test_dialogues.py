@@ -202,7 +202,7 @@ def test_align_captions_use_the_first_order_unless_mixed():
         plain, mixed = random.Random(seed), random.Random(seed)
         one = align_record(SCENE, "x.png", plain)
         four = align_record(SCENE, "x.png", mixed, mixed_orders=True)
-        assert one["conversations"][1]["value"] == caption(SCENE, 0)
+        assert one["conversations"][1]["value"] == "\n" + caption(SCENE, 0)  # on its own line after the image
         assert one["conversations"][0] == four["conversations"][0]
         assert plain.random() == mixed.random()
 
@@ -210,7 +210,9 @@ def test_align_captions_use_the_first_order_unless_mixed():
 def test_mixed_align_captions_vary_the_word_order():
     """With mixed orders each attribute leads in some captions."""
     captions = [
-        align_record(SCENE, "x.png", random.Random(seed), mixed_orders=True)["conversations"][1]["value"]
+        align_record(SCENE, "x.png", random.Random(seed), mixed_orders=True)["conversations"][1][
+            "value"
+        ].lstrip("\n")
         for seed in range(40)
     ]
     assert set(captions) == {caption(SCENE, f) for f in range(len(CAPTION_FORMS))}
@@ -227,7 +229,7 @@ def test_records_are_llava_format():
     assert rec["image"] == "train/t-0.png"
     assert rec["conversations"][0]["value"].startswith("<image>\n")
     assert rec["conversations"][1]["from"] == "gpt"
-    assert rec["conversations"][1]["value"] in {caption(SCENE, f) for f in range(len(CAPTION_FORMS))}
+    assert rec["conversations"][1]["value"] in {"\n" + caption(SCENE, f) for f in range(len(CAPTION_FORMS))}
     kinds = set()
     for seed in range(20):
         for r in finetune_records(SCENE, "train/t-0.png", CFG, random.Random(seed)):

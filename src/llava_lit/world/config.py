@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-WORLD_FORMAT_VERSION = 10
+WORLD_FORMAT_VERSION = 11
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
 
 
