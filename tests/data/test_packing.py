@@ -175,7 +175,9 @@ def test_every_batch_carries_its_steps_supervised_tokens(shards, llama_tokenizer
         shards, llama_tokenizer, clip_processor_56, num_workers=0, accumulate_grad_batches=3, packing=True
     )
     batches = list(dm.train_dataloader())
-    resumed = dm.train_dataloader()
+    resumed = make_dm(
+        shards, llama_tokenizer, clip_processor_56, num_workers=0, accumulate_grad_batches=3, packing=True
+    ).train_dataloader()  # a fresh module: another train_dataloader() of the same one would be epoch 1
     resumed.resume_fn = lambda: 4
     stamps = [int(b[STEP_TOKENS_KEY]) for b in resumed]
     assert stamps[:2] == [sum(int(supervised_tokens(b["labels"])) for b in batches[4:6])] * 2
