@@ -165,9 +165,8 @@ def main() -> None:
         row = [waste(lengths, SYNTHETIC_MICRO_BATCH, pool, how) for how in ("random", "grouped", "packed")]
         print(f"{pool:>5} " + " ".join(f"{w:>7.1%}" for w in row))
 
-    print(
-        f"\nworld stage-2 training, {args.steps} micro-batches, {args.threads} threads, eager, {'bf16 autocast' if args.bf16 else 'fp32'}"
-    )
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"\nworld stage-2 training, {args.steps} micro-batches, {args.threads} threads, eager, {precision}")
     print(f"{'batches':>18} {'tokens/s':>9} {'samples/s':>10} {'rows x len':>11}")
     for how, pool in (("random", 1), ("packed", 1), ("packed", 8)):
         module, batches = world_batches[how, pool]

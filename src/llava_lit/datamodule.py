@@ -15,9 +15,9 @@ together (for runs without accumulation). With `packing`, the same groups' sampl
 up to `max_length` tokens and dealt out to the same number of micro-batches (`llava_lit.packing`,
 `collate.collate_packed`), so batch counts, equal ranks and resume are those of an unpacked run. The training
 loader stamps every micro-batch with the supervised-token count of its optimizer step on this rank, so the
-loss can be the mean over all the step's tokens (`module.LlavaLitModule.training_step`). A sample that must be skipped (no buildable mask,
-undecodable image) is counted per reason and logged; to keep batch counts equal the worker then repeats one of
-its earlier samples at the end of its share (counted as `repeated_to_fill` and logged).
+loss can be the mean over all the step's tokens (`module.LlavaLitModule.training_step`). A sample that must be
+skipped (no buildable mask, undecodable image) is counted per reason and logged; to keep batch counts equal the
+worker then repeats one of its earlier samples at the end of its share (counted as `repeated_to_fill` and logged).
 
 Shards are checked against their manifest. In `setup()`, every shard's size is compared with the recorded one
 (one `stat` each) and a shard that differs or is missing is read once to count what it still holds. While

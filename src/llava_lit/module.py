@@ -200,7 +200,7 @@ class LlavaLitModule(L.LightningModule):
         if self._last_step_end is not None:
             dt = now - self._last_step_end
             world = self.trainer.world_size
-            samples = batch["input_ids"].shape[0] * world
+            samples = len(batch["ids"]) * world  # packed rows hold several samples
             tokens = int(batch["attention_mask"].sum()) * world
             self.log_dict(
                 {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt},
