@@ -210,3 +210,9 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(has_bf16, monkeypatch
     caplog.clear()
     warn_if_cpu_lacks_bf16(OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}}))
     assert not caplog.text
+
+
+def test_packing_with_an_attention_that_mixes_samples_is_refused(compose_train):
+    cfg = compose_train("data.packing=true", "model.language_model.attn_implementation=flex_attention")
+    with pytest.raises(ValueError, match="data.packing=true needs an attention implementation"):
+        build_components(cfg)
