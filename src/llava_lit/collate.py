@@ -10,6 +10,11 @@ import torch
 from llava_lit.constants import IGNORE_INDEX
 
 
+def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Targets the loss counts in `labels[B, L]`: the shifted labels (`labels[:, 1:]`) that are not ignored."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stack samples (`id`, `input_ids[L]`, `labels[L]`, `pixel_values[n,3,H,W] | None`) into one batch.
 
@@ -37,4 +42,45 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, A
         "attention_mask": attention_mask,
         "labels": labels,
         "pixel_values": pixel_values,
+    }
+
+
+def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], pad_token_id: int) -> dict[str, Any]:
+    """Lay each row's samples end to end into one batch row (see `llava_lit.packing`).
+
+    Returns the keys of `collate` plus `position_ids[B, Lmax]`, which restart at 0 at each sample's first token
+    (padding continues the row's last sample). `attention_mask` is 1 on every real token, 0 on padding. Each
+    sample's first label is `IGNORE_INDEX`, so the single shift in `module.next_token_loss` never predicts a
+    sample's first token from the previous sample's last one. `pixel_values` holds every image in the order its
+    placeholder run appears, row by row, which is the order the model's splice fills the runs in.
+    """
+    if not rows or any(not row for row in rows):
+        raise ValueError("cannot collate an empty row or an empty list of rows")
+    lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
+    max_len = max(lengths)
+    input_ids = torch.full((len(rows), max_len), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), max_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), max_len), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), max_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for sample in row:
+            length = len(sample["input_ids"])
+            input_ids[r, start : start + length] = sample["input_ids"]
+            labels[r, start : start + length] = sample["labels"]
+            labels[r, start] = IGNORE_INDEX  # the sample boundary: nothing predicts its first token
+            position_ids[r, start : start + length] = torch.arange(length)
+            start += length
+        attention_mask[r, :start] = 1
+        last = len(row[-1]["input_ids"])
+        position_ids[r, start:] = torch.arange(last, last + max_len - start)
+    samples = [s for row in rows for s in row]
+    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    return {
+        "ids": [s["id"] for s in samples],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": position_ids,
+        "pixel_values": torch.cat(images, dim=0) if images else None,  # [N, 3, H, W]
     }

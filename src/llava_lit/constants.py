@@ -8,3 +8,7 @@ IMAGE_TOKEN = "<image>"
 
 DEFAULT_PAD_TOKEN = "<pad>"
 """Pad token added to tokenizers that have none (LLaMA/Vicuna ship without one)."""
+
+STEP_TOKENS_KEY = "step_supervised_tokens"
+"""Batch key the training loader adds: the supervised (shifted) tokens of the micro-batch's whole optimizer step
+on this rank, a 0-dim integer tensor; the module sums it over ranks and normalises the loss by it."""

@@ -11,9 +11,13 @@ Inside a worker, raw samples pass a seeded shuffle buffer, then are decoded expl
 (`tokenization.encode_conversation`) and batched (`collate.collate`). With `group_by_length`, the samples of
 each optimizer step (its accumulated micro-batches) are sorted by length before they are cut into
 micro-batches: the step sees the same samples, padded less; `length_group_steps` sorts several steps' samples
-together (for runs without accumulation). A sample that must be skipped (no buildable mask,
-undecodable image) is counted per reason and logged; to keep batch counts equal the worker then repeats one of
-its earlier samples at the end of its share (counted as `repeated_to_fill` and logged).
+together (for runs without accumulation). With `packing`, the same groups' samples are packed into rows of
+up to `max_length` tokens and dealt out to the same number of micro-batches (`llava_lit.packing`,
+`collate.collate_packed`), so batch counts, equal ranks and resume are those of an unpacked run. The training
+loader stamps every micro-batch with the supervised-token count of its optimizer step on this rank, so the
+loss can be the mean over all the step's tokens (`module.LlavaLitModule.training_step`). A sample that must be
+skipped (no buildable mask, undecodable image) is counted per reason and logged; to keep batch counts equal the
+worker then repeats one of its earlier samples at the end of its share (counted as `repeated_to_fill` and logged).
 
 Shards are checked against their manifest. In `setup()`, every shard's size is compared with the recorded one
 (one `stat` each) and a shard that differs or is missing is read once to count what it still holds. While
@@ -26,6 +30,7 @@ only these, are bounded by `max_lost_fraction` (see `LlavaDataModule`); past it 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import multiprocessing
@@ -45,9 +50,11 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from llava_lit.collate import collate
+from llava_lit.collate import collate, collate_packed, supervised_tokens
+from llava_lit.constants import STEP_TOKENS_KEY
 from llava_lit.conversation import ChatTemplate, get_template
 from llava_lit.images import DEFAULT_MAX_PIXELS, IMAGE_SKIP_REASONS, ImageDecodeError, ImageLoader
+from llava_lit.packing import pack_into_batches
 from llava_lit.shards import (
     SHARD_LOSS_REASONS,
     SHARD_READ_ERRORS,
@@ -254,6 +261,7 @@ class ShardStream(IterableDataset):
         length_group: int = 1,
         mix_group_batches: bool = False,
         max_lost_fraction: float = DEFAULT_MAX_LOST_FRACTION,
+        pack_length: int | None = None,
     ) -> None:
         self.sources = list(sources)
         self.encoder = encoder
@@ -277,6 +285,9 @@ class ShardStream(IterableDataset):
         """Batches of the current epoch already consumed before a mid-epoch resume; skipped on the next pass."""
         self.num_workers = 1
         """Set by the DataModule to the DataLoader's worker count, so `len()` is right before iterating."""
+        self.pack_length = pack_length
+        """Pack each group's samples into rows of at most this many tokens (`llava_lit.packing`), dealt out to
+        the group's batches; None = one sample per row."""
         self.max_lost_fraction = max_lost_fraction
         """Most samples of this rank's epoch share that damaged shards may lose before `DataLossError`."""
         self.epoch_losses = SkipCounter()
@@ -425,7 +436,11 @@ class ShardStream(IterableDataset):
             if self.mix_group_batches:  # seeded by the group, so a resumed run rebuilds the same order
                 self._rng(worker, index).shuffle(batches)
             for batch in batches[done_batches if index == done_groups else 0 :]:
-                yield collate(batch, self.pad_token_id)
+                yield (
+                    collate_packed(batch, self.pad_token_id)
+                    if self.pack_length
+                    else collate(batch, self.pad_token_id)
+                )
 
     def _rng(self, worker: int, *parts: int) -> random.Random:
         """A random stream fixed by (seed, epoch, rank, worker, *parts): the same in a resumed run."""
@@ -476,8 +491,16 @@ class ShardStream(IterableDataset):
             for k in range(missing):
                 yield produced[k % len(produced)]
 
-    def _group_batches(self, group: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """Cut one group of samples into batches, sorted by length first when groups span several batches."""
+    def _group_batches(self, group: list[dict[str, Any]]) -> list[list[Any]]:
+        """Cut one group of samples into batches, sorted by length first when groups span several batches.
+
+        Packing: the group's samples packed into rows and dealt out to as many batches as it would have
+        without packing (each batch a list of rows, each row a list of samples)."""
+        if self.pack_length:
+            num_batches = math.ceil(len(group) / self.batch_size)
+            lengths = [len(sample["input_ids"]) for sample in group]
+            plan = pack_into_batches(lengths, self.pack_length, num_batches)
+            return [[[group[i] for i in row] for row in batch] for batch in plan]
         if self.length_group > 1:
             group = sorted(group, key=lambda sample: len(sample["input_ids"]))
         return list(_chunks(group, self.batch_size))
@@ -545,15 +568,43 @@ def _loader_shutting_down(frame: Any) -> bool:
 
 
 class _EpochDataLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch each time an epoch starts (Lightning only tells samplers)."""
+    """A DataLoader that tells its dataset the epoch each time an epoch starts (Lightning only tells samplers).
+
+    With `step_batches` set (the training loader), it reads each optimizer step's micro-batches ahead and stamps
+    every one with the step's supervised-token count on this rank (`STEP_TOKENS_KEY`), which the module needs
+    before the step's first backward. Steps are counted from the epoch's first batch, as Lightning's
+    accumulation counts them, also after a mid-epoch resume.
+    """
 
     epoch_fn: Callable[[], int]
     resume_fn: Callable[[], int] = staticmethod(lambda: 0)
+    step_batches: int | None = None
 
     def __iter__(self):  # type: ignore[override]
         self.dataset.set_epoch(self.epoch_fn())
-        self.dataset.resume_batches = self.resume_fn()
-        return super().__iter__()
+        resume = self.dataset.resume_batches = self.resume_fn()
+        batches = super().__iter__()
+        if self.step_batches is None:
+            return batches
+        return stamp_step_tokens(batches, self.step_batches, first_batch=resume)
+
+
+def stamp_step_tokens(
+    batches: Iterable[dict[str, Any]], step_batches: int, *, first_batch: int = 0
+) -> Iterator[dict[str, Any]]:
+    """`batches` with `STEP_TOKENS_KEY` added: the supervised tokens of the `step_batches`-long step each belongs
+    to (steps start at the epoch's batches 0, A, 2A, ...; `first_batch` is the epoch index of the first one)."""
+    iterator = iter(batches)
+    position = first_batch
+    while True:
+        step = list(itertools.islice(iterator, step_batches - position % step_batches))
+        if not step:
+            return
+        position += len(step)
+        total = torch.tensor(sum(int(supervised_tokens(b["labels"])) for b in step))
+        for batch in step:
+            batch[STEP_TOKENS_KEY] = total
+            yield batch
 
 
 class LlavaDataModule(L.LightningDataModule):
@@ -580,6 +631,7 @@ class LlavaDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         group_by_length: bool = False,
         length_group_steps: int = 1,
+        packing: bool = False,
         cache_samples: bool = False,
         accumulate_grad_batches: int = 1,
         max_lost_fraction: float = DEFAULT_MAX_LOST_FRACTION,
@@ -608,6 +660,14 @@ class LlavaDataModule(L.LightningDataModule):
         length_group_steps: with `group_by_length`, sort the samples of this many optimizer steps together (the
             megabatch of HF's `LengthGroupedSampler`), so it pads less without gradient accumulation too; the
             group's batches then go to its steps in a seeded random order. 1 = each step on its own.
+        packing: put several samples in each row, up to `max_length` tokens, each with its own image tokens and
+            position ids restarting at 0, attention and labels never crossing a sample boundary (training only;
+            validation stays one sample per row, so its loss is comparable between runs). The samples of the
+            same group of micro-batches as `group_by_length` (each step's on this worker, times
+            `length_group_steps`, grouped or not) are packed by first-fit decreasing and dealt out to that
+            many micro-batches, so the batch counts, and with them equal ranks and exact resume, are those of
+            an unpacked run. Needs an attention implementation of `packing.PACKING_ATTENTION`. A larger pool
+            (`length_group_steps`) packs tighter: see `benchmarks/bench_packing.py`.
         cache_samples: keep every encoded sample (token ids, labels, image tensors) in memory after its first
             use, so later epochs skip tokenizing and decoding (`CachingEncoder`). For small datasets read with
             `num_workers=0`: worker processes are re-created each epoch and would lose the cache.
@@ -646,6 +706,7 @@ class LlavaDataModule(L.LightningDataModule):
         if length_group_steps < 1:
             raise ValueError(f"length_group_steps must be >= 1, got {length_group_steps}")
         self.length_group_steps = length_group_steps
+        self.packing = packing
         if cache_samples and num_workers > 0:
             raise ValueError(
                 f"cache_samples needs num_workers=0 (got {num_workers}): DataLoader workers are re-created "
@@ -770,8 +831,9 @@ class LlavaDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             counter=self._counter,
             length_group=self._length_group() if shuffle else 1,  # validation: stream order, comparable loss
-            mix_group_batches=shuffle and self.group_by_length and self.length_group_steps > 1,
+            mix_group_batches=shuffle and self._grouped() and self.length_group_steps > 1,
             max_lost_fraction=self.max_lost_fraction,
+            pack_length=self.max_length if shuffle and self.packing else None,
         )
         stream.num_workers = self.num_workers
         return stream
@@ -782,9 +844,13 @@ class LlavaDataModule(L.LightningDataModule):
         The DataLoader hands out worker batches in turn, so with accumulation A and W workers each step holds
         A / W consecutive batches of every worker.
         """
-        if not self.group_by_length:
+        if not self._grouped():
             return 1
         return max(1, self.accumulate_grad_batches // max(1, self.num_workers)) * self.length_group_steps
+
+    def _grouped(self) -> bool:
+        """Whether training batches are built from groups of several batches' samples (sorted or packed)."""
+        return self.group_by_length or self.packing
 
     def _next_epoch(self) -> int:
         if self.trainer is not None:
@@ -818,6 +884,7 @@ class LlavaDataModule(L.LightningDataModule):
             self.setup("fit")
         loader = self._loader(self._stream(self.train_sources, shuffle=True), self._next_epoch)
         loader.resume_fn = self._resume_batches
+        loader.step_batches = max(1, self.accumulate_grad_batches)
         return loader
 
     def val_dataloader(self) -> DataLoader | list:

@@ -18,19 +18,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_lit.constants import IGNORE_INDEX
+from llava_lit.collate import supervised_tokens
+from llava_lit.constants import IGNORE_INDEX, STEP_TOKENS_KEY
 from llava_lit.csv_logger import CSVLogger
 from llava_lit.sharding import ShardingConfig, shard_llava
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token `i + 1` from position `i`, over unmasked targets.
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting token `i + 1` from position `i` over unmasked targets, their mean or sum.
 
     logits: [B, L, V]; labels: [B, L] unshifted, `IGNORE_INDEX` where no loss is wanted.
     """
     shifted_logits = logits[:, :-1].float().flatten(0, 1)  # [B*(L-1), V]; fp32 for a stable softmax
     shifted_labels = labels[:, 1:].flatten()  # [B*(L-1)]
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def step_token_loss(
+    loss_sum: torch.Tensor, step_tokens: torch.Tensor, *, accumulation: int, world_size: int
+) -> torch.Tensor:
+    """The micro-batch's share of the step's mean over ALL its supervised tokens (HF's `num_items_in_batch`).
+
+    `loss_sum` is this micro-batch's summed token loss and `step_tokens` the supervised tokens of the whole
+    optimizer step, over its micro-batches and ranks. Lightning divides each returned loss by the accumulation
+    and DDP/FSDP average the gradients over the ranks; multiplying by both first leaves exactly
+    `sum over the step / step_tokens`, whatever the micro-batches' token counts.
+    """
+    return loss_sum / step_tokens.clamp(min=1) * (accumulation * world_size)
 
 
 def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -138,14 +152,42 @@ class LlavaLitModule(L.LightningModule):
             self._blocks_compiled = True
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")).logits
+        position_ids = batch.get("position_ids")  # present in packed batches only
+        return self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("pixel_values"),
+            position_ids=position_ids,
+            packed=position_ids is not None,
+        ).logits
 
     # -- steps ----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = next_token_loss(self(batch), batch["labels"])
-        bsz = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
-        return loss
+        """The loss whose gradient is the optimizer step's mean over all its supervised tokens.
+
+        The training loader stamps each micro-batch with its step's supervised-token count on this rank
+        (`STEP_TOKENS_KEY`); the counts of all ranks are summed here, and `step_token_loss` scales the
+        micro-batch's summed loss so that Lightning's accumulation division and the ranks' gradient mean leave
+        `sum / count` over the whole step. Without the stamp the loss is the micro-batch's own mean. With one
+        micro-batch per step on one rank both are the same number. `train/loss` logs the micro-batch mean.
+        """
+        logits = self(batch)  # [B, L, V]
+        labels = batch["labels"]  # [B, L]
+        loss_sum = next_token_loss(logits, labels, reduction="sum")
+        tokens = supervised_tokens(labels).to(torch.float32)
+        self.log(
+            "train/loss", loss_sum.detach() / tokens, prog_bar=True, batch_size=batch["input_ids"].shape[0]
+        )
+        step_tokens = batch.get(STEP_TOKENS_KEY)
+        if step_tokens is None:
+            return loss_sum / tokens
+        step_tokens = step_tokens.to(device=logits.device, dtype=torch.float32)
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            step_tokens = self.trainer.strategy.reduce(step_tokens, reduce_op="sum")
+        return step_token_loss(
+            loss_sum, step_tokens, accumulation=self.trainer.accumulate_grad_batches, world_size=world_size
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = next_token_loss(self(batch), batch["labels"])
@@ -158,7 +200,7 @@ class LlavaLitModule(L.LightningModule):
         if self._last_step_end is not None:
             dt = now - self._last_step_end
             world = self.trainer.world_size
-            samples = batch["input_ids"].shape[0] * world
+            samples = len(batch["ids"]) * world  # packed rows hold several samples
             tokens = int(batch["attention_mask"].sum()) * world
             self.log_dict(
                 {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt},

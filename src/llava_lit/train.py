@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llava_lit.checkpointing import resume_path
 from llava_lit.module import LlavaLitModule
+from llava_lit.packing import check_packing_attention
 from llava_lit.preemption import preempted
 from llava_lit.projector_io import load_projector
 from llava_lit.sharding import ShardingConfig
@@ -154,6 +155,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
                 "mm_projector.bin), or pass init_projector=null to start from a fresh projector."
             )
         load_projector(model.projector, path)
+    if cfg.data.get("packing"):  # refused here, before any data is read, rather than at the first step
+        check_packing_attention(model.language_model.config._attn_implementation)
     tower = model.vision_tower
     datamodule = instantiate(
         cfg.data,

@@ -118,14 +118,18 @@ def test_vision_tower_trains_only_when_configured(compose_train):
     assert _changed(before["vision_tower"], after["vision_tower"])
 
 
-@pytest.mark.parametrize(("workers", "by_length"), [(0, False), (2, False), (0, True)])
-def test_mid_epoch_resume_continues_with_the_unseen_samples(compose_train, workers, by_length):
+@pytest.mark.parametrize(
+    ("workers", "by_length", "packing"),
+    [(0, False, False), (2, False, False), (0, True, False), (0, False, True)],
+)
+def test_mid_epoch_resume_continues_with_the_unseen_samples(compose_train, workers, by_length, packing):
     # 32 samples / micro-batch 4 = 8 batches per epoch, 2 per optimizer step: step 2 is mid-epoch.
     common = [
         "trainer.limit_val_batches=0",
         f"data.num_workers={workers}",
         f"data.cache_samples={workers == 0}",  # the world's sample cache needs in-process loading
         f"data.group_by_length={by_length}",
+        f"data.packing={packing}",
     ]
     whole = _RecordIds()
     _fit(compose_train(*common, "trainer.max_steps=4", "run_name=whole", stage="align"), whole)
@@ -206,3 +210,9 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(has_bf16, monkeypatch
     caplog.clear()
     warn_if_cpu_lacks_bf16(OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}}))
     assert not caplog.text
+
+
+def test_packing_with_an_attention_that_mixes_samples_is_refused(compose_train):
+    cfg = compose_train("data.packing=true", "model.language_model.attn_implementation=flex_attention")
+    with pytest.raises(ValueError, match="data.packing=true needs an attention implementation"):
+        build_components(cfg)

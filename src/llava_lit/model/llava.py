@@ -30,6 +30,7 @@ from llava_lit.model.language_model import (
 )
 from llava_lit.model.projector import build_projector, check_projector_type
 from llava_lit.model.vision_tower import VisionTower, VisionTowerConfig, build_vision_tower
+from llava_lit.packing import check_packing_attention
 from llava_lit.untrusted import ConfigRefused, dataclass_from_data
 
 BUILD_TARGET = "llava_lit.model.build_llava"
@@ -137,15 +138,24 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        packed: bool = False,
     ) -> CausalLMOutputWithPast:
         """Logits for `input_ids` (no loss).
 
         With a KV cache, `input_ids` holds only the new tokens while `attention_mask` covers the cached and the
         new ones (`[B, past + L]`). Default `position_ids` follow HF's left-padding convention:
         `attention_mask.cumsum(-1) - 1`, clamped at 0, so a left-padded row gets the same positions as unpadded.
+
+        `packed`: each row holds several samples whose `position_ids` restart at 0 (`collate.collate_packed`).
+        The LLM then gets those position ids and no attention mask, so transformers builds the block-diagonal
+        causal mask from them (padding sits at row ends, where causal attention never reaches it from a real
+        token). For flash-attention the rows are flattened into one, the layout its variable-length path reads
+        from position ids. Needs no cache, and an implementation in `packing.PACKING_ATTENTION`.
         """
         # input_ids: [B, L]; attention_mask: [B, past + L]; pixel_values: [N, 3, H, W] | None
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)  # [B, L, D]
+        if packed:
+            return self._forward_packed(inputs_embeds, position_ids, past_key_values, use_cache)
         if position_ids is None:
             seq_len = input_ids.shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # [B, L]
@@ -156,6 +166,29 @@ class LlavaModel(nn.Module):
             cache=past_key_values,  # transformers 5 renamed the argument `past_key_values` -> `cache`
             use_cache=use_cache,
         )  # logits: [B, L, V]
+
+    def _forward_packed(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        past_key_values: Any,
+        use_cache: bool,
+    ) -> CausalLMOutputWithPast:
+        """The LLM over packed rows: position ids and no mask (see `forward`)."""
+        # inputs_embeds: [B, L, D]; position_ids: [B, L]
+        if position_ids is None or past_key_values is not None or use_cache:
+            raise ValueError("a packed batch needs its position_ids and no KV cache")
+        attention = self.language_model.config._attn_implementation
+        check_packing_attention(attention)
+        batch, seq_len = position_ids.shape
+        if attention.startswith("flash_attention"):
+            inputs_embeds = inputs_embeds.reshape(1, batch * seq_len, -1)  # [1, B*L, D]
+            position_ids = position_ids.reshape(1, batch * seq_len)  # [1, B*L]
+        out = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=None, position_ids=position_ids, use_cache=False
+        )
+        out.logits = out.logits.reshape(batch, seq_len, -1)  # [B, L, V]
+        return out
 
 
 def image_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
