@@ -20,6 +20,7 @@ from torch import nn
 
 from llava_lit.constants import IGNORE_INDEX
 from llava_lit.csv_logger import CSVLogger
+from llava_lit.flops import StepFlops, peak_flops_for_device
 from llava_lit.sharding import ShardingConfig, shard_llava
 
 
@@ -99,6 +100,8 @@ class LlavaLitModule(L.LightningModule):
             model is configured; state-dict keys and checkpoints are unchanged.
         run_config: the resolved run configuration, stored in every checkpoint so inference and export
             rebuild the model, tokenizer, template and image processing from it, never from a folder name.
+        peak_tflops: the accelerator's peak TFLOP/s that `perf/mfu` divides by; None looks the GPU up in
+            `flops.PEAK_BF16_FLOPS` (dense bf16) and logs no MFU on the CPU or an unknown device.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class LlavaLitModule(L.LightningModule):
         sharding: ShardingConfig | None = None,
         compile_blocks: bool = False,
         run_config: dict[str, Any] | None = None,
+        peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -124,7 +128,11 @@ class LlavaLitModule(L.LightningModule):
         self.sharding = sharding or ShardingConfig()
         self.compile_blocks = compile_blocks
         self.run_config = run_config or {}
+        self.peak_tflops = peak_tflops
         self._last_step_end: float | None = None
+        # Set at fit start, once the stage has frozen what it freezes.
+        self._step_flops: StepFlops | None = None
+        self._peak_flops: float | None = None
         # Lightning calls configure_model again for each later fit/validate/predict: compile only once.
         self._blocks_compiled = False
 
@@ -151,19 +159,32 @@ class LlavaLitModule(L.LightningModule):
         loss = next_token_loss(self(batch), batch["labels"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
+    def on_fit_start(self) -> None:
+        # The FLOPs formula's constants, from the model as the stage froze (and the strategy wrapped) it.
+        self._step_flops = StepFlops.from_model(self.model)
+        if self.peak_tflops is not None:
+            self._peak_flops = self.peak_tflops * 1e12
+        elif self.device.type == "cuda":
+            self._peak_flops = peak_flops_for_device(torch.cuda.get_device_name(self.device))
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         # Throughput across all ranks, measured between consecutive batch ends (skips the first batch,
-        # which includes data-loader start-up).
+        # which includes data-loader start-up); every rank is taken to see a batch like this rank's.
+        # `perf/tflops_per_s` is the model FLOPs of `flops.StepFlops` (all ranks); `perf/mfu` divides it by the
+        # peak of all ranks' devices.
         now = time.perf_counter()
         if self._last_step_end is not None:
             dt = now - self._last_step_end
             world = self.trainer.world_size
             samples = batch["input_ids"].shape[0] * world
             tokens = int(batch["attention_mask"].sum()) * world
-            self.log_dict(
-                {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt},
-                batch_size=batch["input_ids"].shape[0],
-            )
+            metrics = {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt}
+            if self._step_flops is not None:
+                flops_per_s = self._step_flops.batch(batch) * world / dt
+                metrics["perf/tflops_per_s"] = flops_per_s / 1e12
+                if self._peak_flops is not None:
+                    metrics["perf/mfu"] = flops_per_s / (self._peak_flops * world)
+            self.log_dict(metrics, batch_size=batch["input_ids"].shape[0])
         self._last_step_end = now
 
     def on_train_epoch_end(self) -> None:
