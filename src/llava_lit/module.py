@@ -1,8 +1,9 @@
 """The LightningModule around `LlavaModel`: the loss, the optimizer and schedule, sharding, and step logging.
 
-The next-token shift happens here and nowhere else: the data path emits unshifted labels
-(`labels[i]` is `input_ids[i]` or `IGNORE_INDEX`), the model returns logits only, and `next_token_loss`
-compares position `i`'s logits with label `i + 1`.
+The next-token shift happens in the loss and nowhere else: the data path emits unshifted labels
+(`labels[i]` is `input_ids[i]` or `IGNORE_INDEX`), the model returns logits (or last hidden states) only, and
+`next_token_loss` compares position `i`'s logits with label `i + 1` through `loss.next_token_pairs`, which the fused
+loss (`module.fused_loss`) shares.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from llava_lit.constants import IGNORE_INDEX
 from llava_lit.csv_logger import CSVLogger
 from llava_lit.flops import StepFlops, peak_flops_for_device
+from llava_lit.loss import fused_next_token_loss, next_token_pairs
 from llava_lit.sharding import ShardingConfig, shard_llava
 
 
@@ -29,9 +31,9 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     logits: [B, L, V]; labels: [B, L] unshifted, `IGNORE_INDEX` where no loss is wanted.
     """
-    shifted_logits = logits[:, :-1].float().flatten(0, 1)  # [B*(L-1), V]; fp32 for a stable softmax
-    shifted_labels = labels[:, 1:].flatten()  # [B*(L-1)]
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
+    shifted_logits, shifted_labels = next_token_pairs(logits, labels)  # [B*(L-1), V], [B*(L-1)]
+    # fp32 for a stable softmax
+    return F.cross_entropy(shifted_logits.float(), shifted_labels, ignore_index=IGNORE_INDEX)
 
 
 def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -100,6 +102,9 @@ class LlavaLitModule(L.LightningModule):
             model is configured; state-dict keys and checkpoints are unchanged.
         run_config: the resolved run configuration, stored in every checkpoint so inference and export
             rebuild the model, tokenizer, template and image processing from it, never from a folder name.
+        fused_loss: compute the loss from the last hidden states and the LM-head weight, a chunk of tokens at a
+            time (liger-kernel on CUDA when installed), never holding the `[tokens x vocab]` logits; same shift,
+            ignore rule and value as `next_token_loss`. Not under FSDP2 (refused at `configure_model`).
         peak_tflops: the accelerator's peak TFLOP/s that `perf/mfu` divides by; None looks the GPU up in
             `flops.PEAK_BF16_FLOPS` (dense bf16) and logs no MFU on the CPU or an unknown device.
     """
@@ -116,6 +121,7 @@ class LlavaLitModule(L.LightningModule):
         sharding: ShardingConfig | None = None,
         compile_blocks: bool = False,
         run_config: dict[str, Any] | None = None,
+        fused_loss: bool = False,
         peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
@@ -128,6 +134,7 @@ class LlavaLitModule(L.LightningModule):
         self.sharding = sharding or ShardingConfig()
         self.compile_blocks = compile_blocks
         self.run_config = run_config or {}
+        self.fused_loss = fused_loss
         self.peak_tflops = peak_tflops
         self._last_step_end: float | None = None
         # Set at fit start, once the stage has frozen what it freezes.
@@ -139,24 +146,51 @@ class LlavaLitModule(L.LightningModule):
     # -- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         mesh = getattr(self, "device_mesh", None)
+        if self.fused_loss:
+            config = self.model.language_model.config
+            if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+                raise ValueError(
+                    "module.fused_loss applies the LM head as a plain linear layer; this LLM scales or caps its "
+                    "logits, so set module.fused_loss=false"
+                )
+        if mesh is not None and self.fused_loss:
+            raise ValueError(
+                "module.fused_loss reads the LM-head weight outside the model's forward, where FSDP2 keeps it "
+                "sharded; set module.fused_loss=false with a sharded strategy"
+            )
         if mesh is not None:  # ModelParallelStrategy (FSDP2) hands us a mesh: shard before optimizers exist
             shard_llava(self.model, mesh["data_parallel"], self.sharding)
         if self.compile_blocks and not self._blocks_compiled:
             compile_decoder_layers(self.model)
             self._blocks_compiled = True
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")).logits
+    def forward(self, batch: dict[str, Any], *, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, L, V], or with `return_hidden` the last hidden states [B, L, D] (no LM head)."""
+        out = self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("pixel_values"),
+            return_hidden=return_hidden,
+        )
+        return out.last_hidden_state if return_hidden else out.logits
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean next-token loss of `batch`: from the logits, or fused with the LM head (`fused_loss`)."""
+        if not self.fused_loss:
+            return next_token_loss(self(batch), batch["labels"])
+        head = self.model.language_model.get_output_embeddings()
+        hidden = self(batch, return_hidden=True)  # [B, L, D]
+        return fused_next_token_loss(hidden, head.weight, batch["labels"], bias=head.bias)
 
     # -- steps ----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = next_token_loss(self(batch), batch["labels"])
+        loss = self.loss(batch)
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = next_token_loss(self(batch), batch["labels"])
+        loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_fit_start(self) -> None:

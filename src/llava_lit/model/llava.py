@@ -6,7 +6,8 @@ splice overwrites exactly those positions with projected image features, the k-t
 labels and position ids computed by the data pipeline stay valid, and a batch without images never touches the
 vision tower (the official code pushes a zero image through CLIP for text-only batches).
 
-The model returns logits only: the loss, with its single label shift, belongs to the LightningModule.
+The model returns logits (or, for the fused loss, the last hidden states) only: the loss, with its single label
+shift, belongs to the LightningModule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.model.language_model import (
@@ -137,25 +138,29 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
-    ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids` (no loss).
+        return_hidden: bool = False,
+    ) -> CausalLMOutputWithPast | BaseModelOutputWithPast:
+        """Logits for `input_ids` (no loss), or with `return_hidden` the last hidden states without the LM head.
 
         With a KV cache, `input_ids` holds only the new tokens while `attention_mask` covers the cached and the
         new ones (`[B, past + L]`). Default `position_ids` follow HF's left-padding convention:
         `attention_mask.cumsum(-1) - 1`, clamped at 0, so a left-padded row gets the same positions as unpadded.
+        `return_hidden` returns the decoder's output (`last_hidden_state: [B, L, D]`, after the final norm), for a
+        loss that applies the LM head itself (`loss.fused_next_token_loss`).
         """
         # input_ids: [B, L]; attention_mask: [B, past + L]; pixel_values: [N, 3, H, W] | None
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)  # [B, L, D]
         if position_ids is None:
             seq_len = input_ids.shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # [B, L]
-        return self.language_model(
+        llm = self.language_model.get_decoder() if return_hidden else self.language_model
+        return llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=past_key_values,  # transformers 5 renamed the argument `past_key_values` -> `cache`
             use_cache=use_cache,
-        )  # logits: [B, L, V]
+        )  # logits: [B, L, V] | last_hidden_state: [B, L, D]
 
 
 def image_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
