@@ -213,14 +213,11 @@ def time_setting(
     """Run one step per batch under `setting`: status, seconds of the steps after `warmup`, peak GPU memory."""
     import torch
 
+    from llava_lit.sharding import set_activation_checkpointing
+
     model = module.model
     module.fused_loss = setting.fused
-    if setting.ckpt:
-        model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    else:
-        model.language_model.gradient_checkpointing_disable()
+    set_activation_checkpointing(model, setting.ckpt)  # as `module.sharding.activation_checkpointing` does
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.type == "cuda"
