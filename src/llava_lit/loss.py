@@ -80,7 +80,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not (need_hidden or need_weight or need_bias):
                 continue
             # d loss / d logits = (softmax - onehot) * scale on counted rows, 0 on ignored ones.
-            grad_logits = torch.softmax(logits, dim=-1)  # [C, V]
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # [C, V] softmax, in the logits' memory
             grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
             grad_logits *= (ok.float() * scale)[:, None]
             if need_hidden:
