@@ -68,18 +68,39 @@ def test_fused_loss_under_bf16_autocast_is_close():
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_sharded_head_is_refused(tmp_path):
+def _tiny_llava(tiny_backbones, tokenizer):
+    from llava_lit.model import build_llava
+
+    torch.manual_seed(0)
+    return build_llava(
+        vision_tower={"name_or_path": str(tiny_backbones / "clip")},
+        projector="mlp2x_gelu",
+        language_model={"name_or_path": str(tiny_backbones / "llm")},
+        tokenizer=tokenizer,
+    )
+
+
+def test_sharded_head_is_refused(tmp_path, tiny_backbones, llama_tokenizer):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    from llava_lit.module import LlavaLitModule
+
     hidden, weight, _, labels = _inputs()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,))
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
         sharded = distribute_tensor(weight.detach(), mesh, [Shard(0)])  # as FSDP2 holds the LM head
         with pytest.raises(ValueError, match="sharded DTensor"):
             fused_next_token_loss(hidden, sharded, labels)
+        # The module refuses the combination before sharding anything.
+        module = LlavaLitModule(
+            _tiny_llava(tiny_backbones, llama_tokenizer), torch.optim.AdamW, fused_loss=True
+        )
+        module._device_mesh = mesh  # what Lightning's ModelParallelStrategy sets
+        with pytest.raises(ValueError, match="fused_loss=false with a sharded strategy"):
+            module.configure_model()
     finally:
         dist.destroy_process_group()
 
@@ -104,17 +125,10 @@ def test_liger_fused_loss_matches_on_cuda():
 
 @pytest.mark.parametrize("stage", ["align", "finetune"])
 def test_module_fused_loss_trains_as_the_logits_loss(tiny_backbones, llama_tokenizer, stage):
-    from llava_lit.model import build_llava
     from llava_lit.module import LlavaLitModule
     from llava_lit.stages import set_trainable, trainable_modules
 
-    torch.manual_seed(0)
-    model = build_llava(
-        vision_tower={"name_or_path": str(tiny_backbones / "clip")},
-        projector="mlp2x_gelu",
-        language_model={"name_or_path": str(tiny_backbones / "llm")},
-        tokenizer=llama_tokenizer,
-    ).train()
+    model = _tiny_llava(tiny_backbones, llama_tokenizer).train()
     set_trainable(model, trainable_modules(stage))
     image = [model.image_token_id] * model.num_image_tokens
     ids = torch.tensor([[1, *image, 5, 6, 7, 8, 9], [1, *image, 10, 11, 12, 0, 0]])  # [2, 23]
