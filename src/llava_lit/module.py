@@ -1,8 +1,9 @@
 """The LightningModule around `LlavaModel`: the loss, the optimizer and schedule, sharding, and step logging.
 
-The next-token shift happens here and nowhere else: the data path emits unshifted labels
-(`labels[i]` is `input_ids[i]` or `IGNORE_INDEX`), the model returns logits only, and `next_token_loss`
-compares position `i`'s logits with label `i + 1`.
+The next-token shift happens in the loss and nowhere else: the data path emits unshifted labels
+(`labels[i]` is `input_ids[i]` or `IGNORE_INDEX`), the model returns logits (or last hidden states) only, and
+`next_token_loss` compares position `i`'s logits with label `i + 1` through `loss.next_token_pairs`, which the fused
+loss (`module.fused_loss`) shares.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 from llava_lit.collate import supervised_tokens
 from llava_lit.constants import IGNORE_INDEX, STEP_TOKENS_KEY
 from llava_lit.csv_logger import CSVLogger
+from llava_lit.flops import StepFlops, peak_flops_for_device
+from llava_lit.loss import fused_next_token_loss, next_token_pairs
 from llava_lit.sharding import ShardingConfig, shard_llava
 
 
@@ -29,9 +32,11 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 
     logits: [B, L, V]; labels: [B, L] unshifted, `IGNORE_INDEX` where no loss is wanted.
     """
-    shifted_logits = logits[:, :-1].float().flatten(0, 1)  # [B*(L-1), V]; fp32 for a stable softmax
-    shifted_labels = labels[:, 1:].flatten()  # [B*(L-1)]
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    shifted_logits, shifted_labels = next_token_pairs(logits, labels)  # [B*(L-1), V], [B*(L-1)]
+    # fp32 for a stable softmax
+    return F.cross_entropy(
+        shifted_logits.float(), shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction
+    )
 
 
 def step_token_loss(
@@ -113,6 +118,11 @@ class LlavaLitModule(L.LightningModule):
             model is configured; state-dict keys and checkpoints are unchanged.
         run_config: the resolved run configuration, stored in every checkpoint so inference and export
             rebuild the model, tokenizer, template and image processing from it, never from a folder name.
+        fused_loss: compute the loss from the last hidden states and the LM-head weight, a chunk of tokens at a
+            time (liger-kernel on CUDA when installed), never holding the `[tokens x vocab]` logits; same shift,
+            ignore rule and value as `next_token_loss`. Not under FSDP2 (refused at `configure_model`).
+        peak_tflops: the accelerator's peak TFLOP/s that `perf/mfu` divides by; None looks the GPU up in
+            `flops.PEAK_BF16_FLOPS` (dense bf16) and logs no MFU on the CPU or an unknown device.
     """
 
     def __init__(
@@ -127,6 +137,8 @@ class LlavaLitModule(L.LightningModule):
         sharding: ShardingConfig | None = None,
         compile_blocks: bool = False,
         run_config: dict[str, Any] | None = None,
+        fused_loss: bool = False,
+        peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -138,28 +150,59 @@ class LlavaLitModule(L.LightningModule):
         self.sharding = sharding or ShardingConfig()
         self.compile_blocks = compile_blocks
         self.run_config = run_config or {}
+        self.fused_loss = fused_loss
+        self.peak_tflops = peak_tflops
         self._last_step_end: float | None = None
+        # Set at fit start, once the stage has frozen what it freezes.
+        self._step_flops: StepFlops | None = None
+        self._peak_flops: float | None = None
         # Lightning calls configure_model again for each later fit/validate/predict: compile only once.
         self._blocks_compiled = False
 
     # -- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         mesh = getattr(self, "device_mesh", None)
+        if self.fused_loss:
+            config = self.model.language_model.config
+            if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+                raise ValueError(
+                    "module.fused_loss applies the LM head as a plain linear layer; this LLM scales or caps its "
+                    "logits, so set module.fused_loss=false"
+                )
+        if mesh is not None and self.fused_loss:
+            raise ValueError(
+                "module.fused_loss reads the LM-head weight outside the model's forward, where FSDP2 keeps it "
+                "sharded; set module.fused_loss=false with a sharded strategy"
+            )
         if mesh is not None:  # ModelParallelStrategy (FSDP2) hands us a mesh: shard before optimizers exist
             shard_llava(self.model, mesh["data_parallel"], self.sharding)
         if self.compile_blocks and not self._blocks_compiled:
             compile_decoder_layers(self.model)
             self._blocks_compiled = True
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], *, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, L, V], or with `return_hidden` the last hidden states [B, L, D] (no LM head)."""
         position_ids = batch.get("position_ids")  # present in packed batches only
-        return self.model(
+        out = self.model(
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("pixel_values"),
             position_ids=position_ids,
             packed=position_ids is not None,
-        ).logits
+            return_hidden=return_hidden,
+        )
+        return out.last_hidden_state if return_hidden else out.logits
+
+    def loss(self, batch: dict[str, Any], reduction: str = "mean") -> torch.Tensor:
+        """Next-token loss of `batch` (mean or sum over its targets): from the logits, or fused with the LM head
+        (`fused_loss`)."""
+        if not self.fused_loss:
+            return next_token_loss(self(batch), batch["labels"], reduction=reduction)
+        head = self.model.language_model.get_output_embeddings()
+        hidden = self(batch, return_hidden=True)  # [B, L, D]
+        return fused_next_token_loss(
+            hidden, head.weight, batch["labels"], bias=head.bias, reduction=reduction
+        )
 
     # -- steps ----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -171,17 +214,15 @@ class LlavaLitModule(L.LightningModule):
         `sum / count` over the whole step. Without the stamp the loss is the micro-batch's own mean. With one
         micro-batch per step on one rank both are the same number. `train/loss` logs the micro-batch mean.
         """
-        logits = self(batch)  # [B, L, V]
-        labels = batch["labels"]  # [B, L]
-        loss_sum = next_token_loss(logits, labels, reduction="sum")
-        tokens = supervised_tokens(labels).to(torch.float32)
+        loss_sum = self.loss(batch, reduction="sum")
+        tokens = supervised_tokens(batch["labels"]).to(torch.float32)
         self.log(
             "train/loss", loss_sum.detach() / tokens, prog_bar=True, batch_size=batch["input_ids"].shape[0]
         )
         step_tokens = batch.get(STEP_TOKENS_KEY)
         if step_tokens is None:
             return loss_sum / tokens
-        step_tokens = step_tokens.to(device=logits.device, dtype=torch.float32)
+        step_tokens = step_tokens.to(device=loss_sum.device, dtype=torch.float32)
         world_size = self.trainer.world_size
         if world_size > 1:
             step_tokens = self.trainer.strategy.reduce(step_tokens, reduce_op="sum")
@@ -190,22 +231,35 @@ class LlavaLitModule(L.LightningModule):
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = next_token_loss(self(batch), batch["labels"])
+        loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_fit_start(self) -> None:
+        # The FLOPs formula's constants, from the model as the stage froze (and the strategy wrapped) it.
+        self._step_flops = StepFlops.from_model(self.model)
+        if self.peak_tflops is not None:
+            self._peak_flops = self.peak_tflops * 1e12
+        elif self.device.type == "cuda":
+            self._peak_flops = peak_flops_for_device(torch.cuda.get_device_name(self.device))
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         # Throughput across all ranks, measured between consecutive batch ends (skips the first batch,
-        # which includes data-loader start-up).
+        # which includes data-loader start-up); every rank is taken to see a batch like this rank's.
+        # `perf/tflops_per_s` is the model FLOPs of `flops.StepFlops` (all ranks); `perf/mfu` divides it by the
+        # peak of all ranks' devices.
         now = time.perf_counter()
         if self._last_step_end is not None:
             dt = now - self._last_step_end
             world = self.trainer.world_size
             samples = len(batch["ids"]) * world  # packed rows hold several samples
             tokens = int(batch["attention_mask"].sum()) * world
-            self.log_dict(
-                {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt},
-                batch_size=batch["input_ids"].shape[0],
-            )
+            metrics = {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt}
+            if self._step_flops is not None:
+                flops_per_s = self._step_flops.batch(batch) * world / dt
+                metrics["perf/tflops_per_s"] = flops_per_s / 1e12
+                if self._peak_flops is not None:
+                    metrics["perf/mfu"] = flops_per_s / (self._peak_flops * world)
+            self.log_dict(metrics, batch_size=batch["input_ids"].shape[0])
         self._last_step_end = now
 
     def on_train_epoch_end(self) -> None:

@@ -40,6 +40,19 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute (`enabled`) or store the LLM decoder layers' activations for the backward pass.
+
+    Non-reentrant checkpointing works with frozen embeddings and with FSDP2's hooks.
+    """
+    if enabled:
+        model.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        model.language_model.activation_checkpointing_disable()
+
+
 def shard_llava(model: nn.Module, mesh: DeviceMesh, cfg: ShardingConfig) -> None:
     """Apply FSDP2 to `model` in place: tower, each decoder layer, projector, then the root."""
     policy = MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))
@@ -50,10 +63,7 @@ def shard_llava(model: nn.Module, mesh: DeviceMesh, cfg: ShardingConfig) -> None
     if tower_frozen and cfg.frozen_vision_tower_dtype is not None:
         tower.to(_dtype(cfg.frozen_vision_tower_dtype))
     if cfg.activation_checkpointing:
-        # Non-reentrant checkpointing works with frozen embeddings and with FSDP2's hooks.
-        model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        set_activation_checkpointing(model, True)
 
     fully_shard(tower, **kwargs)
     for layer in model.decoder_layers:

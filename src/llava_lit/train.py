@@ -175,6 +175,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         min_lr_ratio=module_cfg["min_lr_ratio"],
         sharding=ShardingConfig(**module_cfg["sharding"]),
         compile_blocks=module_cfg["compile_blocks"],
+        fused_loss=module_cfg["fused_loss"],
+        peak_tflops=module_cfg["peak_tflops"],
         run_config=run_config(cfg),
     )
     return module, datamodule

@@ -45,7 +45,9 @@ def _fit(cfg, *callbacks: L.Callback):
 
 
 def test_align_trains_only_the_projector_and_writes_handoff(compose_train):
-    cfg = compose_train("trainer.max_steps=2", "trainer.limit_val_batches=1", stage="align")
+    cfg = compose_train(
+        "trainer.max_steps=2", "trainer.limit_val_batches=1", "module.peak_tflops=0.5", stage="align"
+    )
     trainer, module, before, after = _fit(cfg)
     assert trainer.global_step == 2
     assert _changed(before["projector"], after["projector"])
@@ -57,17 +59,27 @@ def test_align_trains_only_the_projector_and_writes_handoff(compose_train):
     assert saved.keys() == after["projector"].keys()
     for k, v in saved.items():
         torch.testing.assert_close(v, after["projector"][k], rtol=0, atol=0)
-    # Every step is logged with the loss, learning rates, grad norm and throughput.
+    # Every step is logged with the loss, learning rates, grad norm and throughput (model FLOP/s and, with a
+    # peak given, MFU).
     with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
-        columns = set(next(csv.reader(f)))
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
     expected = {
         "train/loss",
         "train/grad_norm",
         "perf/samples_per_s",
         "perf/tokens_per_s",
+        "perf/tflops_per_s",
+        "perf/mfu",
         "perf/peak_host_memory_gib",
     }
     assert expected <= columns
+    logged = [row for row in rows if row["perf/mfu"]]
+    assert logged
+    for row in logged:
+        tflops, mfu = float(row["perf/tflops_per_s"]), float(row["perf/mfu"])
+        assert tflops > 0
+        assert mfu == pytest.approx(tflops / 0.5)
     assert any(c.startswith("lr/projector") for c in columns)
     checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["llava_lit_config"]["stage"]["name"] == "align"

@@ -6,7 +6,8 @@ splice overwrites exactly those positions with projected image features, the k-t
 labels and position ids computed by the data pipeline stay valid, and a batch without images never touches the
 vision tower (the official code pushes a zero image through CLIP for text-only batches).
 
-The model returns logits only: the loss, with its single label shift, belongs to the LightningModule.
+The model returns logits (or, for the fused loss, the last hidden states) only: the loss, with its single label
+shift, belongs to the LightningModule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.model.language_model import (
@@ -139,8 +140,9 @@ class LlavaModel(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         packed: bool = False,
-    ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids` (no loss).
+        return_hidden: bool = False,
+    ) -> CausalLMOutputWithPast | BaseModelOutputWithPast:
+        """Logits for `input_ids` (no loss), or with `return_hidden` the last hidden states without the LM head.
 
         With a KV cache, `input_ids` holds only the new tokens while `attention_mask` covers the cached and the
         new ones (`[B, past + L]`). Default `position_ids` follow HF's left-padding convention:
@@ -151,21 +153,27 @@ class LlavaModel(nn.Module):
         causal mask from them (padding sits at row ends, where causal attention never reaches it from a real
         token). For flash-attention the rows are flattened into one, the layout its variable-length path reads
         from position ids. Needs no cache, and an implementation in `packing.PACKING_ATTENTION`.
+
+        `return_hidden` returns the decoder's output (`last_hidden_state: [B, L, D]`, after the final norm), for a
+        loss that applies the LM head itself (`loss.fused_next_token_loss`).
         """
         # input_ids: [B, L]; attention_mask: [B, past + L]; pixel_values: [N, 3, H, W] | None
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)  # [B, L, D]
         if packed:
-            return self._forward_packed(inputs_embeds, position_ids, past_key_values, use_cache)
+            return self._forward_packed(
+                inputs_embeds, position_ids, past_key_values, use_cache, return_hidden
+            )
         if position_ids is None:
             seq_len = input_ids.shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # [B, L]
-        return self.language_model(
+        llm = self.language_model.get_decoder() if return_hidden else self.language_model
+        return llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=past_key_values,  # transformers 5 renamed the argument `past_key_values` -> `cache`
             use_cache=use_cache,
-        )  # logits: [B, L, V]
+        )  # logits: [B, L, V] | last_hidden_state: [B, L, D]
 
     def _forward_packed(
         self,
@@ -173,7 +181,8 @@ class LlavaModel(nn.Module):
         position_ids: torch.Tensor | None,
         past_key_values: Any,
         use_cache: bool,
-    ) -> CausalLMOutputWithPast:
+        return_hidden: bool,
+    ) -> CausalLMOutputWithPast | BaseModelOutputWithPast:
         """The LLM over packed rows: position ids and no mask (see `forward`)."""
         # inputs_embeds: [B, L, D]; position_ids: [B, L]
         if position_ids is None or past_key_values is not None or use_cache:
@@ -184,10 +193,14 @@ class LlavaModel(nn.Module):
         if attention.startswith("flash_attention"):
             inputs_embeds = inputs_embeds.reshape(1, batch * seq_len, -1)  # [1, B*L, D]
             position_ids = position_ids.reshape(1, batch * seq_len)  # [1, B*L]
-        out = self.language_model(
+        llm = self.language_model.get_decoder() if return_hidden else self.language_model
+        out = llm(
             inputs_embeds=inputs_embeds, attention_mask=None, position_ids=position_ids, use_cache=False
         )
-        out.logits = out.logits.reshape(batch, seq_len, -1)  # [B, L, V]
+        if return_hidden:
+            out.last_hidden_state = out.last_hidden_state.reshape(batch, seq_len, -1)  # [B, L, D]
+        else:
+            out.logits = out.logits.reshape(batch, seq_len, -1)  # [B, L, V]
         return out
 
 
