@@ -1,7 +1,8 @@
-"""Training-step throughput and MFU of real LLaVA shapes on one GPU, across compile / checkpointing / fused loss.
+"""Training-step throughput and MFU of real LLaVA shapes on one GPU, across compile / checkpointing / fused loss /
+packing.
 
     python benchmarks/bench_gpu.py                      # 1B and 7B LLaVA-1.5 shapes, both stages, every setting
-    python benchmarks/bench_gpu.py --models 1b --stages finetune --settings compile+fused compile+ckpt+fused
+    python benchmarks/bench_gpu.py --models 1b --stages finetune --settings compile+fused compile+fused+packed
     python benchmarks/bench_gpu.py --tiny               # tiny shapes on the CPU, a few steps (CI runs this)
 
 Nothing is downloaded: the models are built by the project's own `LlavaModelConfig.build` with `pretrained: false`
@@ -14,12 +15,13 @@ bf16 autocast, with fp32 master weights as `trainer=gpu` (`bf16-mixed`) trains t
 
 Settings: `compile` = `module.compile_blocks` (`compile_decoder_layers`), `ckpt` = activation checkpointing of the
 LLM decoder layers as `module.sharding.activation_checkpointing` enables it, `fused` = `module.fused_loss`;
-`packing` is the batch builder's layout (only `padded` so far: `build_batch` is where a packed layout goes).
+`packed` = the micro-batch's samples laid into rows of up to 2048 tokens as `data.packing` lays them
+(`packing.pack_into_batches` + `collate.collate_packed`: position ids restart per sample, no attention across
+samples), else right-padded by `collate`.
 Compiling is in place, so eager settings run first and then the compiled ones, in one process per model size (a
 crash or OOM of the 7B cannot lose the 1B's rows). A setting that runs out of memory is reported as OOM.
 
-Synthetic batches of realistic lengths, the same batches for every setting of a stage, right-padded by the
-project's `collate`:
+Synthetic batches of realistic lengths, the same samples for every setting of a stage:
 - align (LCS-558K captions): every sample one image (576 tokens) + a caption of 8-48 tokens; micro-batch 32.
 - finetune (mix665k conversations): a 35-token system prompt, one image (576 tokens; one sample in 16 is
   text-only), a conversation of 40-700 tokens, answers (the last 60 %) supervised; micro-batch 16.
@@ -69,23 +71,32 @@ class Setting:
     fused: bool
     """The fused LM-head + cross-entropy loss (`module.fused_loss`)."""
     packing: str = "padded"
-    """Batch layout passed to `build_batch`."""
+    """Batch layout passed to `build_batch`: `padded` or `packed`."""
 
     @property
     def name(self) -> str:
         parts = ["compile" if self.compile else "eager"] + ["ckpt"] * self.ckpt + ["fused"] * self.fused
-        return "+".join(parts)
+        return "+".join(parts + ["packed"] * (self.packing == "packed"))
 
     @classmethod
     def parse(cls, name: str) -> Setting:
-        """`eager` or `compile`, optionally followed by `+ckpt` and/or `+fused` (e.g. `compile+ckpt+fused`)."""
+        """`eager` or `compile`, then any of `+ckpt`, `+fused`, `+packed` (e.g. `compile+ckpt+fused+packed`)."""
         head, *flags = name.split("+")
-        if head not in ("eager", "compile") or set(flags) - {"ckpt", "fused"}:
-            raise argparse.ArgumentTypeError(f"bad setting {name!r}: eager|compile[+ckpt][+fused]")
-        return cls(compile=head == "compile", ckpt="ckpt" in flags, fused="fused" in flags)
+        if head not in ("eager", "compile") or set(flags) - {"ckpt", "fused", "packed"}:
+            raise argparse.ArgumentTypeError(f"bad setting {name!r}: eager|compile[+ckpt][+fused][+packed]")
+        packing = "packed" if "packed" in flags else "padded"
+        return cls(compile=head == "compile", ckpt="ckpt" in flags, fused="fused" in flags, packing=packing)
 
 
-ALL_SETTINGS = [Setting(c, k, f) for c in (False, True) for k in (False, True) for f in (False, True)]
+ALL_SETTINGS = [Setting(c, k, f) for c in (False, True) for k in (False, True) for f in (False, True)] + [
+    Setting(False, False, False, "packed"),
+    Setting(True, False, True, "packed"),
+    Setting(True, True, True, "packed"),
+]
+"""The default run: every padded combination, and packing beside eager and the two fastest compiled ones."""
+
+PACKED_ROW_TOKENS = 2048
+"""Row capacity of packed batches (`data.max_length` of the LLaVA-1.5 recipes)."""
 
 
 @dataclass(frozen=True)
@@ -111,14 +122,15 @@ TINY_STAGE_BATCHES = {
 def build_batch(
     shape: StageBatches, *, image_token_id: int, image_tokens: int, image_size: int, seed: int, packing: str
 ) -> dict[str, Any]:
-    """One synthetic micro-batch through the project's `collate`; `packing` picks the layout (`padded`)."""
+    """One synthetic micro-batch through the project's collate; `packing` picks the layout (`padded`, `packed`)."""
     import torch
 
-    from llava_lit.collate import collate
+    from llava_lit.collate import collate, collate_packed
     from llava_lit.constants import IGNORE_INDEX
+    from llava_lit.packing import pack_into_batches
 
-    if packing != "padded":
-        raise ValueError(f"packing {packing!r} is not available; this benchmark builds padded batches")
+    if packing not in ("padded", "packed"):
+        raise ValueError(f"packing {packing!r}: expected padded or packed")
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     samples = []
@@ -135,7 +147,11 @@ def build_batch(
         labels[len(ids) - answer :] = ids[len(ids) - answer :]
         pixels = torch.randn(1, 3, image_size, image_size, generator=gen) if with_image else None
         samples.append({"id": str(k), "input_ids": ids, "labels": labels, "pixel_values": pixels})
-    return collate(samples, pad_token_id=0)
+    if packing == "padded":
+        return collate(samples, pad_token_id=0)
+    lengths = [len(s["input_ids"]) for s in samples]
+    (rows,) = pack_into_batches(lengths, max(PACKED_ROW_TOKENS, max(lengths)), num_batches=1)
+    return collate_packed([[samples[i] for i in row] for row in rows], pad_token_id=0)
 
 
 def tiny_configs(folder: Path) -> tuple[Path, Path]:
@@ -316,7 +332,7 @@ def run_model(args: argparse.Namespace, model_name: str, started: float) -> list
             flops_done = sum(flops.batch(b) for b in timed)
             row["step_s"] = elapsed / len(timed)
             row["tokens_per_s"] = sum(int(b["attention_mask"].sum()) for b in timed) / elapsed
-            row["samples_per_s"] = sum(b["input_ids"].shape[0] for b in timed) / elapsed
+            row["samples_per_s"] = sum(len(b["ids"]) for b in timed) / elapsed
             row["tflops_per_s"] = flops_done / elapsed / 1e12
             row["mfu"] = flops_done / elapsed / peak if peak else None
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -329,13 +345,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    header = f"{'model':>5} {'stage':>8} {'setting':>19} {'packing':>7} {'tokens/s':>9} {'samples/s':>9} "
+    header = f"{'model':>5} {'stage':>8} {'setting':>26} {'packing':>7} {'tokens/s':>9} {'samples/s':>9} "
     header += f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'step s':>7}  status"
     lines = [header]
     for r in rows:
         ok = r.get("status") == "ok"
         lines.append(
-            f"{r['model']:>5} {r['stage']:>8} {r['setting']:>19} {r['packing']:>7} "
+            f"{r['model']:>5} {r['stage']:>8} {r['setting']:>26} {r['packing']:>7} "
             f"{num(r.get('tokens_per_s') if ok else None, '9.0f'):>9} "
             f"{num(r.get('samples_per_s') if ok else None, '9.2f'):>9} "
             f"{num(r.get('tflops_per_s') if ok else None, '8.4g'):>8} "
@@ -354,7 +370,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--models", nargs="+", choices=sorted(LLM_CONFIGS), default=["1b", "7b"])
     parser.add_argument("--stages", nargs="+", choices=["align", "finetune"], default=["align", "finetune"])
     parser.add_argument(
-        "--settings", nargs="+", type=Setting.parse, help="default: all 8 (tiny: the 4 eager ones)"
+        "--settings", nargs="+", type=Setting.parse, help="default: ALL_SETTINGS (tiny: the eager ones)"
     )
     parser.add_argument("--warmup", type=int, help="untimed steps per setting (default 3; tiny 1)")
     parser.add_argument("--steps", type=int, help="timed steps per setting (default 4; tiny 2)")

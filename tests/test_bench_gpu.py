@@ -29,11 +29,11 @@ def test_bench_gpu_tiny_runs_every_setting(tmp_path):
     assert {(r["stage"], r["setting"]) for r in rows} == {
         (stage, setting)
         for stage in ("align", "finetune")
-        for setting in ("eager", "eager+fused", "eager+ckpt", "eager+ckpt+fused")
+        for setting in ("eager", "eager+fused", "eager+ckpt", "eager+ckpt+fused", "eager+packed")
     }
     for row in rows:
         assert row["status"] == "ok", row
-        assert row["packing"] == "padded"
+        assert row["packing"] == ("packed" if row["setting"].endswith("+packed") else "padded")
         assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0 and row["tflops_per_s"] > 0
         assert row["mfu"] is None  # no peak on the CPU unless --peak-tflops is given
     assert "TFLOP/s" in proc.stdout and "eager+ckpt+fused" in proc.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llava_lit.collate import collate_packed
 from llava_lit.constants import IGNORE_INDEX
 from llava_lit.loss import fused_next_token_loss, next_token_pairs
 from llava_lit.module import next_token_loss
@@ -123,8 +124,9 @@ def test_liger_fused_loss_matches_on_cuda():
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("stage", ["align", "finetune"])
-def test_module_fused_loss_trains_as_the_logits_loss(tiny_backbones, llama_tokenizer, stage):
+def test_module_fused_loss_trains_as_the_logits_loss(tiny_backbones, llama_tokenizer, stage, packed):
     from llava_lit.module import LlavaLitModule
     from llava_lit.stages import set_trainable, trainable_modules
 
@@ -140,11 +142,26 @@ def test_module_fused_loss_trains_as_the_logits_loss(tiny_backbones, llama_token
         "labels": labels,
         "pixel_values": torch.randn(2, 3, 56, 56),
     }
+    if packed:  # the two samples in one row, positions restarting at the second (collate.collate_packed)
+        batch = collate_packed(
+            [
+                [
+                    {
+                        "id": str(r),
+                        "input_ids": ids[r, : int(mask[r].sum())],
+                        "labels": labels[r, : int(mask[r].sum())],
+                        "pixel_values": batch["pixel_values"][r : r + 1],
+                    }
+                    for r in range(2)
+                ]
+            ],
+            pad_token_id=0,
+        )
     trained = [p for p in model.parameters() if p.requires_grad]
     results = []
     for fused in (False, True):
         module = LlavaLitModule(model, torch.optim.AdamW, fused_loss=fused)
-        loss = module.loss(batch)
+        loss = module.loss(batch, reduction="sum")
         results.append((loss.detach(), torch.autograd.grad(loss, trained)))
     (loss_ref, grads_ref), (loss_fused, grads_fused) = results
     torch.testing.assert_close(loss_fused, loss_ref)
