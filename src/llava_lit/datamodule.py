@@ -47,7 +47,13 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_lit.collate import collate
 from llava_lit.conversation import ChatTemplate, get_template
-from llava_lit.images import DEFAULT_MAX_PIXELS, IMAGE_SKIP_REASONS, ImageDecodeError, ImageLoader
+from llava_lit.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SKIP_REASONS,
+    ImageDecodeError,
+    ImageLoader,
+    processor_output_size,
+)
 from llava_lit.shards import (
     SHARD_LOSS_REASONS,
     SHARD_READ_ERRORS,
@@ -691,7 +697,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.train_sources, self.val_sources = [], []
         damaged: dict[str, DamagedShard] = {}
         for spec in self.source_specs:
-            source = _load_source(spec, damaged)
+            source = _load_source(spec, damaged, self._image_geometry())
             held = self.val_shards_per_source
             if held:
                 if held >= len(source.shards):
@@ -701,7 +707,9 @@ class LlavaDataModule(L.LightningDataModule):
                 self.val_sources.append(Source(source.name, 1.0, source.shards[-held:]))
                 source = Source(source.name, source.weight, source.shards[:-held])
             self.train_sources.append(source)
-        self.val_sources += [_load_source({**spec, "weight": 1.0}, damaged) for spec in self.val_specs]
+        self.val_sources += [
+            _load_source({**spec, "weight": 1.0}, damaged, self._image_geometry()) for spec in self.val_specs
+        ]
         train = self._stream(self.train_sources, shuffle=True)
         self.num_train_samples = train.epoch_samples
         self.train_batches_per_epoch = len(train)
@@ -746,6 +754,11 @@ class LlavaDataModule(L.LightningDataModule):
             stream.max_lost_fraction,
             listing,
         )
+
+    def _image_geometry(self) -> tuple[int, int, str]:
+        """(height, width, aspect) the images are preprocessed to: what pre-resized shards must hold."""
+        height, width = processor_output_size(self.image_processor)
+        return height, width, self.image_aspect
 
     def _stream(self, sources: Sequence[Source], *, shuffle: bool) -> ShardStream:
         world_size, rank = self.world()
@@ -862,10 +875,28 @@ def _as_specs(sources: Sequence[Mapping[str, Any]] | str | None) -> list[dict[st
     return specs
 
 
-def _load_source(spec: Mapping[str, Any], damaged: dict[str, DamagedShard]) -> Source:
-    """The source of one shard folder, its damaged shards (see `find_damaged_shards`) added to `damaged`."""
+def _load_source(
+    spec: Mapping[str, Any],
+    damaged: dict[str, DamagedShard],
+    geometry: tuple[int, int, str] | None = None,
+) -> Source:
+    """The source of one shard folder, its damaged shards (see `find_damaged_shards`) added to `damaged`.
+
+    `geometry` is the (height, width, aspect) the images are preprocessed to; shards stored pre-resized for
+    another one are refused with `ValueError`.
+    """
     folder = Path(spec["path"])
     manifest = read_manifest(folder)
+    stored = manifest.pre_resized
+    if stored is not None and geometry is not None:
+        wanted = {"height": geometry[0], "width": geometry[1], "aspect": geometry[2]}
+        if {k: stored.get(k) for k in wanted} != wanted:
+            raise ValueError(
+                f"{folder}: images are stored pre-resized to {stored.get('height')}x{stored.get('width')} in "
+                f"{stored.get('aspect')!r} aspect mode, but this run preprocesses to {geometry[0]}x{geometry[1]} "
+                f"in {geometry[2]!r} mode; re-convert the source (without --pre-resize, or with this size and "
+                "aspect)"
+            )
     for shard in find_damaged_shards(folder, manifest):
         damaged.setdefault(shard.path, shard)
     shards = tuple((str(folder / s.name), s.num_samples) for s in manifest.shards if s.num_samples > 0)
