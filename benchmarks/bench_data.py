@@ -63,6 +63,10 @@ class BenchArgs:
         default=sys.executable, metadata={"help": "interpreter that can import the official code"}
     )
     stages: bool = field(default=False, metadata={"help": "also print per-stage CPU ms on one thread"})
+    pre_resize: bool = field(
+        default=False,
+        metadata={"help": "also time shards converted with --pre-resize (images stored at 336 px)"},
+    )
 
 
 def cpu_seconds() -> float:
@@ -156,6 +160,7 @@ def official_pass(args: BenchArgs, root: Path) -> dict[str, float]:
 
 def stage_timings(json_path: Path, image_folder: Path, tokenizer, processor, n: int = 64) -> dict[str, float]:
     """Mean CPU ms per sample of each stage, on one thread, over the first `n` samples."""
+    torch.set_num_threads(1)  # as in a DataLoader worker
     records = json.loads(json_path.read_text())[:n]
     blobs = [(image_folder / r["image"]).read_bytes() for r in records]
     loader = ImageLoader(processor, aspect="pad")
@@ -242,21 +247,37 @@ def main() -> None:
         )
         convert_s = time.perf_counter() - t0
 
-        dm = LlavaDataModule(
-            sources=str(root / "shards"),
-            tokenizer=tokenizer,
-            image_processor=processor,
-            num_image_tokens=NUM_IMAGE_TOKENS,
-            template="vicuna_v1",
-            max_length=2048,
-            image_aspect="pad",
-            micro_batch_size=args.batch_size,
-            num_workers=args.workers,
-            shuffle_buffer=64,
-            pin_memory=False,
-        )
-        dm.setup("fit")
+        if args.pre_resize:
+            convert(
+                json_path,
+                root / "raw" / "images",
+                root / "shards_pre",
+                samples_per_shard=args.shard_size,
+                pre_resize=size,
+                image_aspect="pad",
+                progress=False,
+            )
+
+        def data_module(folder: Path) -> LlavaDataModule:
+            dm = LlavaDataModule(
+                sources=str(folder),
+                tokenizer=tokenizer,
+                image_processor=processor,
+                num_image_tokens=NUM_IMAGE_TOKENS,
+                template="vicuna_v1",
+                max_length=2048,
+                image_aspect="pad",
+                micro_batch_size=args.batch_size,
+                num_workers=args.workers,
+                shuffle_buffer=64,
+                pin_memory=False,
+            )
+            dm.setup("fit")
+            return dm
+
+        dm = data_module(root / "shards")
         loader = dm.train_dataloader()
+        pre_loader = data_module(root / "shards_pre").train_dataloader() if args.pre_resize else None
         if args.official_repo:
             label = f"official LazySupervisedDataset ({args.official_repo})"
             run_official = lambda: official_pass(args, root)  # noqa: E731
@@ -270,10 +291,12 @@ def main() -> None:
                 collate_fn=lambda s: collate(s, tokenizer.pad_token_id),
             )
             run_official = lambda: timed(reimplementation)  # noqa: E731
-        ours, theirs = [], []
+        ours, theirs, pre = [], [], []
         for _ in range(args.repeats):  # alternate, so both sides see the same machine load
             ours.append(timed(loader))
             theirs.append(run_official())
+            if pre_loader is not None:
+                pre.append(timed(pre_loader))
         assert dm.skip_counts == {k: 0 for k in dm.skip_counts}, dm.skip_counts
         stages = (
             stage_timings(json_path, root / "raw" / "images", tokenizer, processor) if args.stages else {}
@@ -291,6 +314,9 @@ def main() -> None:
     )
     print(f"convert (read + verify + shard): {args.samples / convert_s:.1f} samples/s")
     print(f"llava_lit shards + LlavaDataModule: {our_rate:7.1f} samples/s  {our_cpu:6.2f} CPU ms/sample")
+    if pre:
+        pre_rate, pre_cpu = summary(pre)
+        print(f"llava_lit pre-resized shards:      {pre_rate:7.1f} samples/s  {pre_cpu:6.2f} CPU ms/sample")
     print(f"{label}: {their_rate:7.1f} samples/s  {their_cpu:6.2f} CPU ms/sample")
     print(
         f"ratio llava_lit / official: {our_rate / their_rate:.2f}x samples/s, {their_cpu / our_cpu:.2f}x less CPU"
