@@ -63,6 +63,7 @@ class BenchArgs:
         default=sys.executable, metadata={"help": "interpreter that can import the official code"}
     )
     stages: bool = field(default=False, metadata={"help": "also print per-stage CPU ms on one thread"})
+    resize: str = field(default="pil", metadata={"help": "llava_lit's resize: pil (exact) or torch (faster)"})
     pre_resize: bool = field(
         default=False,
         metadata={"help": "also time shards converted with --pre-resize (images stored at 336 px)"},
@@ -158,12 +159,14 @@ def official_pass(args: BenchArgs, root: Path) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def stage_timings(json_path: Path, image_folder: Path, tokenizer, processor, n: int = 64) -> dict[str, float]:
+def stage_timings(
+    json_path: Path, image_folder: Path, tokenizer, processor, resize: str, n: int = 64
+) -> dict[str, float]:
     """Mean CPU ms per sample of each stage, on one thread, over the first `n` samples."""
     torch.set_num_threads(1)  # as in a DataLoader worker
     records = json.loads(json_path.read_text())[:n]
     blobs = [(image_folder / r["image"]).read_bytes() for r in records]
-    loader = ImageLoader(processor, aspect="pad")
+    loader = ImageLoader(processor, aspect="pad", resize=resize)  # type: ignore[arg-type]
     fill = mean_fill_color(processor)
     out: dict[str, float] = {}
 
@@ -267,6 +270,7 @@ def main() -> None:
                 template="vicuna_v1",
                 max_length=2048,
                 image_aspect="pad",
+                image_resize=args.resize,
                 micro_batch_size=args.batch_size,
                 num_workers=args.workers,
                 shuffle_buffer=64,
@@ -299,7 +303,9 @@ def main() -> None:
                 pre.append(timed(pre_loader))
         assert dm.skip_counts == {k: 0 for k in dm.skip_counts}, dm.skip_counts
         stages = (
-            stage_timings(json_path, root / "raw" / "images", tokenizer, processor) if args.stages else {}
+            stage_timings(json_path, root / "raw" / "images", tokenizer, processor, args.resize)
+            if args.stages
+            else {}
         )
 
     def summary(runs: list[dict[str, float]]) -> tuple[float, float]:
@@ -310,7 +316,7 @@ def main() -> None:
     (our_rate, our_cpu), (their_rate, their_cpu) = summary(ours), summary(theirs)
     print(
         f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.samples} samples, {size}px pad, "
-        f"batch {args.batch_size}, {args.workers} workers, {args.repeats} alternating passes per side (medians)"
+        f"{args.resize} resize, batch {args.batch_size}, {args.workers} workers, {args.repeats} alternating passes per side (medians)"
     )
     print(f"convert (read + verify + shard): {args.samples / convert_s:.1f} samples/s")
     print(f"llava_lit shards + LlavaDataModule: {our_rate:7.1f} samples/s  {our_cpu:6.2f} CPU ms/sample")

