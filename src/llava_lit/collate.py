@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from llava_lit.constants import IGNORE_INDEX
 
@@ -24,16 +25,10 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, A
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    batch_size = len(samples)
-    max_len = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((batch_size, max_len), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, max_len), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        length = len(sample["input_ids"])
-        input_ids[row, :length] = sample["input_ids"]
-        labels[row, :length] = sample["labels"]
-        attention_mask[row, :length] = 1
+    input_ids = pad_sequence([s["input_ids"] for s in samples], batch_first=True, padding_value=pad_token_id)
+    labels = pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples])  # [B]
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()  # [B, Lmax]
     images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
     pixel_values = torch.cat(images, dim=0) if images else None  # [N, 3, H, W]
     return {

@@ -20,6 +20,12 @@ whole folder is replaced, `--out` must be new, empty, or hold only a previous co
 `manifest.json`); a folder with anything else in it is refused before any work, and so is a run in which every
 record was skipped (it would replace a good conversion with an empty one).
 
+With `pre_resize` (`--pre-resize SIZE --image-aspect MODE`) the images are stored already in the vision tower's
+input geometry (aspect mode applied, CLIP shortest-edge resize + centre crop to SIZE, the resample filter of
+CLIP's processor) as lossless PNG: training then skips the resize (about 0.2 ms instead of several ms an image)
+and gets the same pixels, at several times the disk of the original JPEGs. The manifest records the size and
+aspect mode, and a data module set up for another refuses the shards.
+
 Output is deterministic: records keep their file order, keys are their index in the file (non-blank lines for
 `.jsonl`), and tars carry fixed metadata, so re-running on the same input gives byte-identical shards.
 """
@@ -43,9 +49,16 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_lit.atomic_files import atomic_directory
 from llava_lit.conversation import get_template
-from llava_lit.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from llava_lit.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageLoader, decode_image
 from llava_lit.records import InvalidRecord, Record, parse_record
-from llava_lit.shards import MANIFEST_NAME, Manifest, ShardWriter, TokenLengthStats, write_manifest
+from llava_lit.shards import (
+    MANIFEST_NAME,
+    PRE_RESIZED_MANIFEST_VERSION,
+    Manifest,
+    ShardWriter,
+    TokenLengthStats,
+    write_manifest,
+)
 from llava_lit.tokenization import SkipSample, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -150,11 +163,34 @@ def image_path(folder: Path, rel: str, *, allow_outside: bool = False) -> Path:
     return resolved
 
 
+def pre_resize_loader(size: int, aspect: str) -> ImageLoader:
+    """The image path `--pre-resize` stores: CLIP's processor geometry at `size` px in `aspect` mode, uint8."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return ImageLoader(processor, aspect=aspect)  # type: ignore[arg-type]
+
+
+def _png(pixels: Any) -> bytes:
+    """uint8 [3, H, W] pixels as PNG bytes (lossless; fast compression)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def _load_images(
-    record: Record, image_folder: Path, max_pixels: int, allow_outside: bool
+    record: Record,
+    image_folder: Path,
+    max_pixels: int,
+    allow_outside: bool,
+    pre_resize: ImageLoader | None = None,
 ) -> tuple[dict[str, bytes], list[str]]:
-    """Read and fully decode every image of a record; raise `ImageDecodeError` or `InvalidRecord` at the first
-    bad one."""
+    """Read and fully decode every image of a record (and, with `pre_resize`, store it in that geometry as PNG);
+    raise `ImageDecodeError` or `InvalidRecord` at the first bad one."""
     images: dict[str, bytes] = {}
     keys: list[str] = []
     for i, rel in enumerate(record.images):
@@ -163,9 +199,12 @@ def _load_images(
             raise ImageDecodeError("image_missing", rel)
         data = path.read_bytes()
         try:
-            decode_image(data, max_pixels=max_pixels)
+            image = decode_image(data, max_pixels=max_pixels)
         except ImageDecodeError as err:
             raise ImageDecodeError(err.reason, f"{rel}: {err.detail}" if err.detail else rel) from err
+        if pre_resize is not None:
+            data = _png(pre_resize.pixels(image))
+            rel = str(Path(rel).with_suffix(".png"))
         key = _member_extension(rel, i, len(record.images))
         images[key] = data
         keys.append(key)
@@ -229,6 +268,8 @@ def convert(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int = 4,
     allow_outside_image_folder: bool = False,
+    pre_resize: int | None = None,
+    image_aspect: str = "pad",
     progress: bool = True,
 ) -> Manifest:
     """Convert one LLaVA JSON + image folder into `out_dir/shard-*.tar` + `out_dir/manifest.json`.
@@ -236,7 +277,9 @@ def convert(
     With a tokenizer, the manifest also holds token-length statistics for `template` (with `system_prompt` in
     place of its own, when given; image markers expanded to `num_image_tokens`) and how many samples that
     template would skip. `out_dir` is replaced as a whole once the new shards and manifest are complete (see
-    the module docstring for what it may hold and what is refused with `ConvertError`). Returns the manifest.
+    the module docstring for what it may hold and what is refused with `ConvertError`). With `pre_resize`, images
+    are stored resized to that many pixels square in `image_aspect` mode (see the module docstring). Returns the
+    manifest.
     """
     out = Path(out_dir).resolve()  # a symlinked `--out`: the folder it points to is replaced, the link stays
     check_out_dir(out)
@@ -244,6 +287,7 @@ def convert(
     entries = load_records(json_path)
     source = source or Path(json_path).stem
     folder = Path(image_folder).resolve()
+    resizer = pre_resize_loader(pre_resize, image_aspect) if pre_resize is not None else None
 
     def check(index: int) -> tuple[int, InvalidRecord | ImageDecodeError | None, Record | None, dict, list]:
         entry = entries[index]
@@ -251,7 +295,7 @@ def convert(
             if entry.error is not None:
                 raise entry.error
             record = parse_record(entry.raw)
-            images, keys = _load_images(record, folder, max_pixels, allow_outside_image_folder)
+            images, keys = _load_images(record, folder, max_pixels, allow_outside_image_folder, resizer)
         except (InvalidRecord, ImageDecodeError) as err:
             return index, err, None, {}, []
         return index, None, record, images, keys
@@ -319,6 +363,9 @@ def convert(
                 else None
             ),
         )
+        if pre_resize is not None:
+            manifest.pre_resized = {"height": pre_resize, "width": pre_resize, "aspect": image_aspect}
+            manifest.version = PRE_RESIZED_MANIFEST_VERSION
         if manifest.num_samples == 0:
             raise ConvertError(
                 f"{json_path}: no record could be converted ({len(entries)} read, skipped: "
@@ -352,6 +399,16 @@ class ConvertArgs:
     source: str | None = field(default=None, metadata={"help": "source name (default: JSON file stem)"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject images with more pixels"})
     num_threads: int = field(default=4, metadata={"help": "threads reading and verifying images"})
+    pre_resize: int | None = field(
+        default=None,
+        metadata={
+            "help": "store images already resized to this many pixels square (the vision tower's input size) "
+            "in --image-aspect mode, as PNG; training with another size or aspect refuses the shards"
+        },
+    )
+    image_aspect: str = field(
+        default="pad", metadata={"help": "aspect mode for --pre-resize: pad, crop or resize"}
+    )
     allow_outside_image_folder: bool = field(
         default=False,
         metadata={
@@ -373,7 +430,7 @@ def parse_args(argv: list[str]) -> ConvertArgs:
             )
             continue
         required = f.default is dataclasses.MISSING
-        kind = int if f.type in ("int", int) else str
+        kind = int if f.type in ("int", int, "int | None") else str
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -412,6 +469,8 @@ def main(argv: list[str] | None = None) -> Manifest:
             max_pixels=args.max_pixels,
             num_threads=args.num_threads,
             allow_outside_image_folder=args.allow_outside_image_folder,
+            pre_resize=args.pre_resize,
+            image_aspect=args.image_aspect,
         )
     except ConvertError as err:
         raise SystemExit(f"error: {err}") from None

@@ -38,7 +38,11 @@ SHARD_NAME = "shard-{index:06d}.tar"
 MANIFEST_VERSION = 2
 """Bumped when the sample format or manifest fields change (2: shards carry `size_bytes`)."""
 
-READABLE_MANIFEST_VERSIONS = (1, 2)
+PRE_RESIZED_MANIFEST_VERSION = 3
+"""Version of a manifest whose images are stored pre-resized (`Manifest.pre_resized`): readers that do not
+know the field refuse it instead of taking the stored images for the originals."""
+
+READABLE_MANIFEST_VERSIONS = (1, 2, 3)
 """Manifest versions `Manifest.from_dict` reads; the sample format is the same in all of them."""
 
 SHARD_LOSS_REASONS = ("shard_short", "shard_unreadable")
@@ -137,6 +141,10 @@ class Manifest:
     """The first few record ids (and image paths) skipped for each reason, to find them in the source."""
     token_lengths: TokenLengthStats | None = None
     """Token-length statistics, when the converter was given a tokenizer."""
+    pre_resized: dict[str, Any] | None = None
+    """`{"height", "width", "aspect"}` when the images are stored already resized for a vision tower of that
+    output size in that aspect mode (lossless PNG, `convert --pre-resize`); None for the original files. Such
+    shards only serve a data module with the same output size and aspect."""
     version: int = MANIFEST_VERSION
     """Format version."""
 
@@ -162,6 +170,7 @@ class Manifest:
             skipped=data.get("skipped", {}),
             skipped_examples=data.get("skipped_examples", {}),
             token_lengths=TokenLengthStats(**tokens) if tokens else None,
+            pre_resized=data.get("pre_resized"),
             version=data["version"],
         )
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
@@ -172,32 +173,31 @@ def encode_conversation(
     is_label = _label_mask(text, offsets, rendered.target_spans)
 
     img_id = image_token_id(tokenizer)
-    found = sum(1 for i in ids if i == img_id)
+    found = ids.count(img_id)
     if found != num_images:
         raise SkipSample("image_count_mismatch", f"{found} <image> tokens for {num_images} images")
 
-    # Expand each image id into its run; remember the runs so truncation can keep them whole.
-    input_ids: list[int] = []
-    labels: list[int] = []
-    run_ends: list[int] = []
-    for token, label in zip(ids, is_label, strict=True):
-        if token == img_id:
-            input_ids.extend([img_id] * num_image_tokens)
-            labels.extend([IGNORE_INDEX] * num_image_tokens)
-            run_ends.append(len(input_ids))
-        else:
-            input_ids.append(token)
-            labels.append(token if label else IGNORE_INDEX)
+    # Expand each image id into its run (never a label); remember where the runs end so truncation keeps them
+    # whole.
+    token_ids = torch.tensor(ids, dtype=torch.long)  # [T]
+    is_image = token_ids == img_id  # [T]
+    labels = torch.where(
+        torch.from_numpy(np.asarray(is_label, dtype=bool)) & ~is_image, token_ids, IGNORE_INDEX
+    )  # [T]
+    input_ids = token_ids
+    run_ends = torch.zeros(0, dtype=torch.long)
+    if found:
+        repeats = torch.where(is_image, num_image_tokens, 1)  # [T]
+        input_ids, labels = input_ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)  # [L]
+        run_ends = repeats.cumsum(0)[is_image]  # [n_images]
 
     if len(input_ids) > max_length:
-        if any(end > max_length for end in run_ends):
+        if bool((run_ends > max_length).any()):
             raise SkipSample("truncation_cuts_image", f"{len(input_ids)} tokens > max_length {max_length}")
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        input_ids, labels = input_ids[:max_length].clone(), labels[:max_length].clone()
+        if bool((labels == IGNORE_INDEX).all()):
             raise SkipSample("no_target_after_truncation", f"{len(ids)} tokens > max_length {max_length}")
-    return EncodedSample(
-        input_ids=torch.tensor(input_ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long)
-    )
+    return EncodedSample(input_ids=input_ids, labels=labels)
 
 
 def tokenize_with_images(
@@ -238,29 +238,34 @@ def _label_mask(
     whitespace; every non-space character of a span must be covered by the span's tokens. Zero-width tokens
     (a piece's BOS) are never labels.
     """
-    is_label = [False] * len(offsets)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # [T, 2] character (start, end) per token
+    starts, ends = bounds[:, 0], bounds[:, 1]
+    is_label = np.zeros(len(bounds), dtype=bool)
     for start, end in spans:
-        covered = bytearray(end - start)
-        count = 0
-        for k, (s, e) in enumerate(offsets):
-            if e <= start or s >= end or s == e:
-                continue
+        touching = (ends > start) & (starts < end) & (starts != ends)  # [T] tokens overlapping the span
+        # A token may reach over the span's start or end only across whitespace.
+        for k in np.flatnonzero(touching & ((starts < start) | (ends > end))).tolist():
+            s, e = int(starts[k]), int(ends[k])
             if (s < start and text[start:e].strip()) or text[end:e].strip():
                 raise SkipSample(
                     "target_misaligned", f"token {text[s:e]!r} crosses span {text[start:end]!r:.60}"
                 )
-            if s < start:
-                continue  # a token ending in the span's leading whitespace belongs to the header
-            is_label[k] = True
-            count += 1
-            covered[max(s, start) - start : min(e, end) - start] = b"\x01" * (min(e, end) - max(s, start))
-        if count == 0:
+        inside = touching & (
+            starts >= start
+        )  # a token ending in the span's leading whitespace is the header's
+        if not inside.any():
             raise SkipSample("empty_target", f"no token in span {text[start:end]!r:.60}")
-        missing = [
-            c for c, flag in zip(text[start:end], covered, strict=True) if not flag and not c.isspace()
-        ]
+        is_label |= inside
+        # Characters of the span that no label token covers: +1 where a token's cover opens, -1 where it closes.
+        lo = np.maximum(starts[inside], start) - start
+        hi = np.minimum(ends[inside], end) - start
+        depth = np.cumsum(
+            np.bincount(lo, minlength=end - start + 1) - np.bincount(hi, minlength=end - start + 1)
+        )
+        gaps = np.flatnonzero(depth[: end - start] == 0)  # span offsets no token covers
+        missing = [text[start + i] for i in gaps.tolist() if not text[start + i].isspace()]
         if missing:
             raise SkipSample(
                 "target_misaligned", f"characters {''.join(missing)!r:.40} of an answer have no token"
             )
-    return is_label
+    return is_label.tolist()

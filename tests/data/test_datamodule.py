@@ -12,6 +12,7 @@ from llava_lit.collate import collate
 from llava_lit.constants import IGNORE_INDEX
 from llava_lit.convert import convert
 from llava_lit.datamodule import LlavaDataModule, Segment, plan_epoch, slice_segments, split_range
+from llava_lit.shards import read_manifest
 from llava_lit.tokenization import image_token_id
 
 N_IMG = 16  # the tiny 56-px / patch-14 tower
@@ -309,3 +310,41 @@ def test_data_configs_instantiate(name, shards, llama_tokenizer, clip_processor_
     )
     dm.setup("fit")
     assert dm.num_train_samples == 35 and dm.train_batches_per_epoch >= 1
+
+
+def test_pre_resized_shards_give_the_same_pixels_and_refuse_another_geometry(
+    llava_dataset, shards, llama_tokenizer, clip_processor_56, tmp_path
+):
+    manifest = convert(
+        llava_dataset["json"],
+        llava_dataset["images"],
+        tmp_path / "pre",
+        samples_per_shard=5,
+        pre_resize=56,
+        image_aspect="pad",
+        progress=False,
+    )
+    assert manifest.pre_resized == {"height": 56, "width": 56, "aspect": "pad"}
+    assert read_manifest(tmp_path / "pre").pre_resized == manifest.pre_resized
+
+    def pixels_by_id(folder, **kwargs):
+        dm = make_dm(folder, llama_tokenizer, clip_processor_56, num_workers=0, **kwargs)
+        dm.setup("fit")
+        out = {}
+        for batch in dm.train_dataloader():
+            images = iter(batch["pixel_values"] if batch["pixel_values"] is not None else [])
+            for sample_id, ids in zip(batch["ids"], batch["input_ids"], strict=True):
+                if (ids == llama_tokenizer.convert_tokens_to_ids("<image>")).any():
+                    out[sample_id] = next(images)
+        return out
+
+    original, stored = pixels_by_id(shards), pixels_by_id(tmp_path / "pre")
+    assert original.keys() == stored.keys() and len(original) == 34
+    for sample_id, pixels in original.items():
+        assert pixels.dtype == torch.uint8 and torch.equal(pixels, stored[sample_id])
+
+    with pytest.raises(ValueError, match="pre-resized to 56x56 in 'pad'"):
+        make_dm(tmp_path / "pre", llama_tokenizer, clip_processor_56, image_aspect="crop").setup("fit")
+    processor_84 = type(clip_processor_56)(size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84})
+    with pytest.raises(ValueError, match="this run preprocesses to 84x84"):
+        make_dm(tmp_path / "pre", llama_tokenizer, processor_84).setup("fit")

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from llava_lit.convert import convert, main
@@ -37,11 +38,11 @@ def test_aspect_modes_on_a_real_photo(clip_processor_56):
     data = encode(Image.fromarray(china), "JPEG")
     for aspect in ("pad", "crop", "resize"):
         pixels = ImageLoader(clip_processor_56, aspect=aspect)(data)
-        assert pixels.shape == (3, 56, 56) and pixels.dtype.is_floating_point
+        assert pixels.shape == (3, 56, 56) and pixels.dtype == torch.uint8
     # With pad, the top rows are the mean colour, which CLIP normalisation maps to about zero.
-    padded = ImageLoader(clip_processor_56, aspect="pad")(data)
+    padded = ImageLoader(clip_processor_56, aspect="pad", output="normalized")(data)
     assert padded[:, 0, :].abs().max() < 0.05
-    cropped = ImageLoader(clip_processor_56, aspect="crop")(data)
+    cropped = ImageLoader(clip_processor_56, aspect="crop", output="normalized")(data)
     assert cropped[:, 0, :].abs().max() > 0.05
     with pytest.raises(ValueError):
         ImageLoader(clip_processor_56, aspect="square")

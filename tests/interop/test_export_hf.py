@@ -63,11 +63,15 @@ def test_same_inputs_and_logits_as_llava_lit(exported: Path, tiny_llava, llama_t
     inputs = processor(images=wide_image, text=prompt, return_tensors="pt")
 
     bundle = bundle_from_model(tiny_llava, llama_tokenizer, RUN_CONFIG)
-    pixels = ImageLoader(tiny_llava.vision_tower.image_processor, aspect="pad")(_png(wide_image))
+    pixels = ImageLoader(tiny_llava.vision_tower.image_processor, aspect="pad", output="normalized")(
+        _png(wide_image)
+    )
     ours = bundle.prompt(TURNS, [pixels])
     # The processor reproduces our prompt ids (image run expanded, BOS included) and our padded pixels.
     assert inputs["input_ids"][0].tolist() == ours.input_ids
-    torch.testing.assert_close(inputs["pixel_values"][0], pixels)
+    # Our resize is PIL's; a torchvision-backed processor resamples a few pixels one 8-bit level apart.
+    torch.testing.assert_close(inputs["pixel_values"][0], pixels, atol=0.03, rtol=0)
+    assert (inputs["pixel_values"][0] - pixels).abs().mean() < 1e-3
 
     with torch.no_grad():
         theirs = hf(**inputs).logits

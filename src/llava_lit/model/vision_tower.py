@@ -23,6 +23,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from llava_lit.images import normalize_pixels, pixel_table
 from llava_lit.model.dtypes import parse_dtype
 
 FeatureSelect = Literal["patch", "cls_patch"]
@@ -95,6 +96,10 @@ class VisionTower(nn.Module):
     Attributes used elsewhere: `image_processor` (a `CLIPImageProcessor` matching the tower's preprocessing),
     `num_image_tokens`, `hidden_size`, `blocks` (the transformer blocks, for FSDP wrapping and activation
     checkpointing) and `backbone` (the wrapped HF or timm model).
+
+    Pixels come either as uint8 (resized and cropped, not normalised: the data path's default), which the tower
+    normalises with its processor's own values (`images.pixel_table`, bit for bit the processor's float output),
+    or as floats taken as already normalised.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class VisionTower(nn.Module):
         self.image_processor = image_processor
         self.feature_layer = feature_layer
         self.select_feature = select_feature
+        self._pixel_tables: dict[torch.device, torch.Tensor] = {}  # device -> FloatTensor[3, 256]
 
         num_blocks = len(self.blocks)
         # hidden_states has num_blocks + 1 entries (embeddings first); reject indices outside it now, not mid-run.
@@ -175,9 +181,22 @@ class VisionTower(nn.Module):
             self.backbone.eval()
         return self
 
+    def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [N, 3, H, W] -> float32 as the image processor normalises them, on their own device."""
+        table = self._pixel_tables.get(pixel_values.device)
+        if table is None:
+            if not self._pixel_tables:
+                self._pixel_tables[torch.device("cpu")] = pixel_table(self.image_processor)
+            table = next(iter(self._pixel_tables.values())).to(pixel_values.device)
+            self._pixel_tables[pixel_values.device] = table
+        return normalize_pixels(pixel_values, table)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode images; the result is in the tower's dtype."""
+        """Encode images (uint8 pixels are normalised first, float ones are taken as normalised) in the tower's
+        dtype."""
         # pixel_values: [N, 3, H, W]
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = self.normalize(pixel_values)  # fp32 normalisation, then the cast below
         pixel_values = pixel_values.to(self.dtype)
         # A frozen tower needs no autograd graph: skip it to save activation memory.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.is_trainable):
