@@ -9,7 +9,7 @@ import torch
 from llava_lit.collate import collate_packed, supervised_tokens
 from llava_lit.constants import IGNORE_INDEX, STEP_TOKENS_KEY
 from llava_lit.convert import convert
-from llava_lit.datamodule import LlavaDataModule, stamp_step_tokens
+from llava_lit.datamodule import stamp_step_tokens
 from llava_lit.packing import (
     check_packing_attention,
     pack_first_fit_decreasing,
@@ -17,7 +17,8 @@ from llava_lit.packing import (
     padded_size,
 )
 
-N_IMG = 16  # the tiny 56-px / patch-14 tower
+from .test_datamodule import N_IMG
+from .test_datamodule import make_dm as datamodule_for
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +29,7 @@ def shards(llava_dataset, tmp_path_factory):
 
 
 def make_dm(shards, tokenizer, processor, **kwargs):
-    settings = dict(
-        sources=[{"path": str(shards), "weight": 1.0}],
-        template="vicuna_v1",
-        max_length=256,
-        micro_batch_size=4,
-        num_workers=2,
-        shuffle_buffer=8,
-        seed=3,
-        pin_memory=False,
-    )
-    settings.update(kwargs)
-    dm = LlavaDataModule(tokenizer=tokenizer, image_processor=processor, num_image_tokens=N_IMG, **settings)
+    dm = datamodule_for(shards, tokenizer, processor, **kwargs)
     dm.setup("fit")
     return dm
 
