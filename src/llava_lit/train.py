@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llava_lit.checkpointing import resume_path
+from llava_lit.cpu_bf16 import cpu_precision, has_native_bf16
 from llava_lit.module import LlavaLitModule
 from llava_lit.packing import check_packing_attention
 from llava_lit.preemption import preempted
@@ -58,6 +59,39 @@ def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world: 
             f"= {micro_batch_size} x {world} = {per_step}"
         )
     return global_batch_size // per_step
+
+
+def fitted_micro_batch(global_batch_size: int, micro_batch_size: int, world: int) -> int:
+    """The micro-batch a run uses: `micro_batch_size` when it divides each process's share of the global batch,
+    else the largest smaller one that does, so a recipe keeps its global batch on any device count.
+
+    A global batch that does not split equally over the processes cannot be made to fit and is refused.
+    """
+    if global_batch_size % world:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} does not split equally over {world} processes: "
+            "choose a global batch that is a multiple of the number of devices x nodes"
+        )
+    per_process = global_batch_size // world
+    return max(m for m in range(1, min(micro_batch_size, per_process) + 1) if per_process % m == 0)
+
+
+def fit_micro_batch(cfg: DictConfig) -> None:
+    """Set `cfg.micro_batch_size` to `fitted_micro_batch` (logging the change) before anything is built."""
+    world = world_size(cfg.trainer)
+    micro = fitted_micro_batch(cfg.global_batch_size, cfg.micro_batch_size, world)
+    if micro != cfg.micro_batch_size:
+        log.info(
+            "micro_batch_size=%d does not divide global_batch_size=%d over %d processes: micro_batch_size=%d, "
+            "%d accumulation steps",
+            cfg.micro_batch_size,
+            cfg.global_batch_size,
+            world,
+            micro,
+            gradient_accumulation(cfg.global_batch_size, micro, world),
+        )
+        with open_dict(cfg):
+            cfg.micro_batch_size = micro
 
 
 def run_accumulation(cfg: DictConfig) -> int:
@@ -209,20 +243,25 @@ def set_cpu_threads(cfg: DictConfig) -> int:
     return int(threads)
 
 
-def warn_if_cpu_lacks_bf16(cfg: DictConfig) -> None:
-    """Warn when a CPU run asks for bf16 on a CPU without bf16 instructions (AMX or AVX512-BF16).
-
-    With them, `trainer.precision=bf16-mixed` (with eager attention) runs the world's stage 2 1.2x faster than
-    fp32; without them the bf16 matmuls are emulated and slower than fp32.
-    """
-    precision = str(cfg.trainer.get("precision", ""))
-    if cfg.trainer.get("accelerator") != "cpu" or not precision.startswith("bf16"):
+def resolve_cpu_precision(cfg: DictConfig) -> None:
+    """Fill in a CPU run's unset `trainer.precision` from the CPU (`cpu_bf16.cpu_precision`), and warn when bf16
+    is asked for on a CPU that only emulates it."""
+    if cfg.trainer.get("accelerator") != "cpu":
         return
-    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+    requested = cfg.trainer.get("precision")
+    with open_dict(cfg):
+        cfg.trainer.precision = cpu_precision(requested)
+    if requested is None:
+        log.info(
+            "trainer.precision: %s (%s bf16 on this CPU)",
+            cfg.trainer.precision,
+            "native" if has_native_bf16() else "no native",
+        )
+    elif str(requested).startswith("bf16") and not has_native_bf16():
         log.warning(
-            "trainer.precision=%s on a CPU without AMX or AVX512-BF16: bf16 is emulated here, "
-            "trainer.precision=32-true is likely faster",
-            precision,
+            "trainer.precision=%s on a CPU without AMX or AVX512-BF16: bf16 is emulated here and slower than "
+            "fp32; leave trainer.precision unset (null) to get 32-true",
+            requested,
         )
 
 
@@ -234,7 +273,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     L.seed_everything(cfg.seed, workers=True)
     log.info("torch threads: %d", set_cpu_threads(cfg))
-    warn_if_cpu_lacks_bf16(cfg)
+    resolve_cpu_precision(cfg)
+    fit_micro_batch(cfg)
     check_wandb(cfg)
     ensure_world_if_used(cfg)
     with open_dict(cfg):  # recorded in checkpoints as the checkpoint actually resumed from

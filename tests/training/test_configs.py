@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf, open_dict
 
-from llava_lit.train import world_size
+from llava_lit.train import fit_micro_batch, run_accumulation, world_size
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 HF_CONFIGS = CONF / "hf_configs"
@@ -150,3 +150,22 @@ def test_experiments_carry_the_official_hyperparameters(experiment, gbs, lr, epo
     cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
     assert (cfg.global_batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (gbs, lr, epochs)
     assert cfg.module.weight_decay == 0.0 and cfg.module.warmup_ratio == 0.03 and cfg.data.max_length == 2048
+
+
+def test_the_default_recipe_on_an_8gpu_node_keeps_its_global_batch(tmp_path):
+    cfg = _compose("train", ["stage=finetune", "trainer=fsdp_8gpu"], tmp_path)
+    assert (cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer)) == (32, 32, 8)
+    fit_micro_batch(cfg)
+    assert cfg.micro_batch_size == cfg.data.micro_batch_size == 4 and run_accumulation(cfg) == 1
+
+
+@pytest.mark.parametrize("recipe", ["llava_v15_{}_align", "llava_v15_{}_finetune", "llava_v1_{}_align"])
+def test_13b_recipes_are_their_7b_twins_with_another_model(recipe, tmp_path):
+    small, big = (
+        OmegaConf.to_container(_compose("train", [f"experiment={recipe.format(size)}"], tmp_path))
+        for size in ("7b", "13b")
+    )
+    for cfg in (small, big):
+        for key in ("model", "run_name", "hydra"):
+            cfg.pop(key, None)
+    assert small == big

@@ -10,7 +10,7 @@ from torch import nn
 
 from llava_lit.constants import IGNORE_INDEX
 from llava_lit.module import next_token_loss, parameter_groups, warmup_cosine
-from llava_lit.train import gradient_accumulation
+from llava_lit.train import fitted_micro_batch, gradient_accumulation
 
 
 def test_next_token_loss_shifts_once_and_ignores_masked():
@@ -84,3 +84,18 @@ def test_gradient_accumulation(gbs, mbs, world, expected):
 def test_gradient_accumulation_rejects_indivisible():
     with pytest.raises(ValueError, match="not a multiple"):
         gradient_accumulation(100, 8, 3)
+
+
+@pytest.mark.parametrize(
+    ("gbs", "mbs", "world", "expected"),
+    [(32, 32, 8, 4), (32, 32, 1, 32), (128, 16, 8, 16), (128, 16, 4, 16), (96, 16, 4, 12), (30, 4, 1, 3)],
+)
+def test_micro_batch_fits_the_global_batch_on_any_device_count(gbs, mbs, world, expected):
+    micro = fitted_micro_batch(gbs, mbs, world)
+    assert micro == expected
+    assert gradient_accumulation(gbs, micro, world) * micro * world == gbs
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
+    with pytest.raises(ValueError, match="does not split equally over 3 processes"):
+        fitted_micro_batch(100, 8, 3)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from llava_lit.train import build_components, build_trainer, train, warn_if_cpu_lacks_bf16
+from llava_lit.train import build_components, build_trainer, resolve_cpu_precision, train
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -211,17 +211,24 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(compose_train):
 
 
 @pytest.mark.parametrize("has_bf16", [True, False])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(has_bf16, monkeypatch, caplog):
+def test_cpu_precision_follows_native_bf16_and_emulated_bf16_is_warned(has_bf16, monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
-    for precision, warned in (("bf16-mixed", not has_bf16), ("32-true", False)):
+    cases = (
+        ("bf16-mixed", "bf16-mixed", not has_bf16),
+        ("32-true", "32-true", False),
+        (None, "bf16-mixed" if has_bf16 else "32-true", False),
+    )
+    for requested, resolved, warned in cases:
         caplog.clear()
-        cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": precision}})
-        warn_if_cpu_lacks_bf16(cfg)
-        assert ("emulated" in caplog.text) == warned, (precision, caplog.text)
+        cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": requested}})
+        resolve_cpu_precision(cfg)
+        assert cfg.trainer.precision == resolved
+        assert ("emulated" in caplog.text) == warned, (requested, caplog.text)
     caplog.clear()
-    warn_if_cpu_lacks_bf16(OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}}))
-    assert not caplog.text
+    gpu = OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}})
+    resolve_cpu_precision(gpu)
+    assert gpu.trainer.precision == "bf16-mixed" and not caplog.text
 
 
 def test_packing_with_an_attention_that_mixes_samples_is_refused(compose_train):

@@ -578,8 +578,8 @@ def _warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sch
 
 
 def _autocast(cfg: WorldConfig) -> torch.autocast:
-    """bf16 autocast of a pretraining forward pass (and its loss) when `cfg.pretrain_bf16`, else a no-op."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.pretrain_bf16)
+    """bf16 autocast of a pretraining forward pass (and its loss) when `cfg.pretrain_in_bf16`, else a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.pretrain_in_bf16)
 
 
 def _mean(xs: list[float]) -> float:

@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import CLIPVisionModel
 
+from llava_lit.cpu_bf16 import has_native_bf16
 from llava_lit.world.backbones import (
     clip_quality,
     patch_probe,
@@ -100,11 +101,9 @@ def build_world(cfg: WorldConfig, out_dir: str | Path) -> Path:
         raise FileExistsError(
             f"{out} exists and is not a world folder (no {INFO_NAME}); refusing to replace it"
         )
-    if cfg.pretrain_bf16 and not (
-        torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    ):
+    if cfg.pretrain_bf16 and not has_native_bf16():
         log.warning(
-            "pretrain_bf16 on a CPU without AMX or AVX512-BF16: bf16 is emulated here, fp32 may be faster"
+            "pretrain_bf16 on a CPU without AMX or AVX512-BF16: bf16 is emulated here and slower than fp32"
         )
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -195,6 +194,7 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
             **{f"{k}_records": len(v) for k, v in records.items()},
             "eval_questions": len(questions),
         },
+        "pretrain_precision": "bf16" if cfg.pretrain_in_bf16 else "fp32",
         "timings_s": timings,
         "metrics": metrics,
     }

@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from llava_lit.cpu_bf16 import has_native_bf16
+
 WORLD_FORMAT_VERSION = 11
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
 
@@ -187,14 +189,16 @@ class WorldConfig:
     torch_threads: int = 2
     """CPU threads for backbone pretraining."""
 
-    pretrain_bf16: bool = True
-    """Pretrain both backbones under bf16 autocast (fp32 master weights) with eager attention; False = fp32.
-
-    On 2 cores of a CPU with AMX the default build's CLIP took 212 s and its LLM 131 s, against 221 s and 155 s in
-    fp32 with SDPA (eager: SDPA's bf16 backward on the CPU is slower than fp32). On a CPU without AMX or
-    AVX512-BF16 bf16 is emulated and slower (the build warns): set it false there. The stages train in bf16 on
-    the CPU too (`trainer=cpu`).
+    pretrain_bf16: bool | None = None
+    """Pretrain both backbones under bf16 autocast (fp32 master weights); False = fp32; None = bf16 where the CPU
+    computes it natively (AMX or AVX512-BF16) and fp32 elsewhere, where bf16 is emulated and far slower
+    (`llava_lit.cpu_bf16`). Eager attention either way: SDPA's bf16 backward on the CPU is slower than fp32.
     """
+
+    @property
+    def pretrain_in_bf16(self) -> bool:
+        """Whether this build pretrains in bf16: `pretrain_bf16`, or this CPU's native bf16 when it is None."""
+        return has_native_bf16() if self.pretrain_bf16 is None else self.pretrain_bf16
 
     @classmethod
     def ci(cls, **overrides: object) -> WorldConfig:
@@ -269,6 +273,8 @@ class WorldConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of the config and the build format: a cached world is reused only if this matches."""
-        payload = json.dumps({"v": WORLD_FORMAT_VERSION, "cfg": self.to_dict()}, sort_keys=True)
+        """Hash of the config, the pretraining precision it resolves to here and the build format: a cached world
+        is reused only if this matches."""
+        payload = {"v": WORLD_FORMAT_VERSION, "cfg": self.to_dict(), "bf16": self.pretrain_in_bf16}
+        payload = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
