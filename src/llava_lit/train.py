@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llava_lit.checkpointing import resume_path
 from llava_lit.cpu_bf16 import cpu_precision, has_native_bf16
+from llava_lit.framework_noise import silence_framework_noise
 from llava_lit.module import LlavaLitModule
 from llava_lit.packing import check_packing_attention
 from llava_lit.preemption import preempted
@@ -271,6 +272,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     A preemption signal ends it with `preemption.Preempted` (exit status 128 + signal) after a checkpoint; a
     failed checkpoint save with `checkpointing.CheckpointSaveError`, the previous checkpoint intact.
     """
+    silence_framework_noise(bool(cfg.get("verbose", False)))
     L.seed_everything(cfg.seed, workers=True)
     log.info("torch threads: %d", set_cpu_threads(cfg))
     resolve_cpu_precision(cfg)
