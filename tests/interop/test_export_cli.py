@@ -9,8 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import LlavaForConditionalGeneration
 
-from llava_lit.export import main
 from llava_lit.checkpoint_reader import read_checkpoint
+from llava_lit.export import main
 
 
 @pytest.mark.parametrize("layout", ["file", "distributed"])

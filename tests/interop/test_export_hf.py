@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.conversation import get_template
 from llava_lit.images import ImageLoader
 from llava_lit.inference.generation import SamplingParams
 from llava_lit.inference.loading import bundle_from_model, load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
-from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.tokenization import load_tokenizer
 
 RUN_CONFIG = {

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from inference_helpers import save_checkpoint, tiny_run_config
-from llava_lit.inference import load_for_inference
 from llava_lit.checkpoint_reader import read_checkpoint
+from llava_lit.inference import load_for_inference
 from llava_lit.untrusted import ConfigRefused
 
 REPO = Path(__file__).resolve().parents[2]
