@@ -45,7 +45,7 @@ config = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["lla
 model_cfg = LlavaModelConfig.from_data(config["model"], source=ckpt)
 tokenizer = load_tokenizer(model_cfg.tokenizer_source)
 del config
-try:
+try:  # trees with the one checkpoint reader; older trees read through interop.pretrained
     from llava_lit.checkpoint_reader import read_checkpoint
     new_api = True
 except ImportError:
