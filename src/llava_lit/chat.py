@@ -22,16 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.images import ImageDecodeError
 from llava_lit.inference import InferenceBundle, SamplingParams, load_for_inference
+from llava_lit.load_settings import LoadSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ChatConfig:
-    """Settings of a chat session (the keys of `conf/chat.yaml`)."""
+@dataclass(kw_only=True)
+class ChatConfig(LoadSettings):
+    """Settings of a chat session (the keys of `conf/chat.yaml`; the load settings from `LoadSettings`)."""
 
     checkpoint: str
-    """Training checkpoint: a Lightning `.ckpt` file or an FSDP2 checkpoint directory."""
+    """What `checkpoint_reader.read_checkpoint` reads: a `.ckpt` file, an FSDP2 checkpoint directory, an
+    exported, llava-hf or official LLaVA folder, or a hub id."""
     image: str | None = None
     """Image to talk about at the start; None starts a text-only conversation."""
     temperature: float = 0.2
@@ -44,14 +46,6 @@ class ChatConfig:
     """Sampling seed; None is not reproducible."""
     device: str = "auto"
     """`cpu`, `cuda`, or `auto` (CUDA when available)."""
-    dtype: str | None = None
-    """Cast the model to this dtype (e.g. `bfloat16`); None keeps the checkpoint's."""
-    load_in_4bit: bool = False
-    """Quantize the language model to 4 bit (bitsandbytes)."""
-    load_in_8bit: bool = False
-    """Quantize the language model to 8 bit (bitsandbytes)."""
-    template: str | None = None
-    """Chat template for sources that record none (official / llava-hf folders); default `vicuna_v1`."""
 
 
 class ChatSession:
@@ -91,14 +85,7 @@ class ChatSession:
 
 def run(cfg: ChatConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     """Load the model and run the read-answer loop until `/quit` or end of input."""
-    bundle = load_for_inference(
-        cfg.checkpoint,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        load_in_4bit=cfg.load_in_4bit,
-        load_in_8bit=cfg.load_in_8bit,
-        template=cfg.template,
-    )
+    bundle = load_for_inference(cfg.checkpoint, cfg.load_settings(), device=cfg.device)
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed
     )

@@ -38,14 +38,15 @@ from llava_lit.eval.jsonl import Question, read_questions
 from llava_lit.images import ImageDecodeError, ImageLoader
 from llava_lit.inference import Generator, InferenceBundle, SamplingParams, load_for_inference
 from llava_lit.inference.loading import bundle_from_model
+from llava_lit.load_settings import LoadSettings
 from llava_lit.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PredictConfig:
-    """Settings of a prediction run (the keys of `conf/predict.yaml`)."""
+@dataclass(kw_only=True)
+class PredictConfig(LoadSettings):
+    """Settings of a prediction run (the keys of `conf/predict.yaml`; the load settings from `LoadSettings`)."""
 
     checkpoint: str
     """A Lightning `.ckpt` file, an FSDP2 checkpoint directory, a transformers LLaVA folder (what
@@ -72,17 +73,8 @@ class PredictConfig:
     """Lightning accelerator (`cpu`, `gpu`, `auto`)."""
     devices: int = 1
     """Processes/devices for the predict loop; above 1 shards the questions across them."""
-    dtype: str | None = None
-    """Cast the model to this dtype (`bfloat16` on GPUs); None keeps the checkpoint's."""
-    load_in_4bit: bool = False
-    """Quantize the language model to 4 bit (bitsandbytes); single device only."""
-    load_in_8bit: bool = False
-    """Quantize the language model to 8 bit (bitsandbytes); single device only."""
     num_workers: int = 0
     """DataLoader workers decoding images."""
-    template: str | None = None
-    """Chat template for a checkpoint that does not record one (official / llava-hf folders; default
-    `vicuna_v1`); must agree with the recorded one otherwise."""
 
 
 def question_turns(question: Question) -> list[dict[str, str]]:
@@ -296,12 +288,9 @@ def run(cfg: PredictConfig) -> Path:
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     bundle = load_for_inference(
         cfg.checkpoint,
-        device="cuda" if quantized and accelerator == "gpu" else "cpu",
-        dtype=cfg.dtype,
-        load_in_4bit=cfg.load_in_4bit,
-        load_in_8bit=cfg.load_in_8bit,
+        cfg.load_settings(),
+        device="cuda" if quantized and accelerator == "gpu" else "cpu",  # quantized: single device only
         model_id=cfg.model_id,
-        template=cfg.template,
     )
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed

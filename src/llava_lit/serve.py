@@ -45,16 +45,18 @@ from llava_lit.inference import (
     SamplingParams,
     load_for_inference,
 )
+from llava_lit.load_settings import LoadSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ServeConfig:
-    """Settings of the server (the keys of `conf/serve.yaml`)."""
+@dataclass(kw_only=True)
+class ServeConfig(LoadSettings):
+    """Settings of the server (the keys of `conf/serve.yaml`; the load settings from `LoadSettings`)."""
 
     checkpoint: str
-    """Training checkpoint: a Lightning `.ckpt` file or an FSDP2 checkpoint directory."""
+    """What `checkpoint_reader.read_checkpoint` reads: a `.ckpt` file, an FSDP2 checkpoint directory, an
+    exported, llava-hf or official LLaVA folder, or a hub id."""
     host: str = "127.0.0.1"
     """Interface to bind; the default keeps the server local. `0.0.0.0` exposes it to the network."""
     port: int = 8000
@@ -71,14 +73,6 @@ class ServeConfig:
     """Answer length limit when a request gives none."""
     device: str = "auto"
     """`cpu`, `cuda`, or `auto` (CUDA when available)."""
-    dtype: str | None = None
-    """Cast the model to this dtype (e.g. `bfloat16`); None keeps the checkpoint's."""
-    load_in_4bit: bool = False
-    """Quantize the language model to 4 bit (bitsandbytes)."""
-    load_in_8bit: bool = False
-    """Quantize the language model to 8 bit (bitsandbytes)."""
-    template: str | None = None
-    """Chat template for sources that record none (official / llava-hf folders); default `vicuna_v1`."""
 
 
 class ApiError(Exception):
@@ -443,15 +437,7 @@ async def _sse(bundle, generator, lock, prompt, params, completion_id, include_u
 
 def run(cfg: ServeConfig) -> None:
     """Load the model and serve it until interrupted."""
-    bundle = load_for_inference(
-        cfg.checkpoint,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        load_in_4bit=cfg.load_in_4bit,
-        load_in_8bit=cfg.load_in_8bit,
-        model_id=cfg.model_id,
-        template=cfg.template,
-    )
+    bundle = load_for_inference(cfg.checkpoint, cfg.load_settings(), device=cfg.device, model_id=cfg.model_id)
     log.info("serving %s on http://%s:%d/v1", bundle.model_id, cfg.host, cfg.port)
     uvicorn.run(create_app(bundle, cfg), host=cfg.host, port=cfg.port, log_level="info")
 

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.checkpointing import resume_path
 from llava_lit.cpu_bf16 import cpu_precision, has_native_bf16
 from llava_lit.framework_noise import silence_framework_noise
@@ -149,15 +150,14 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
     """Tokenizer, model (with its starting weights), datamodule and LightningModule from the config.
 
-    `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours): its model settings
-    (read as checked data, never instantiated) replace `cfg.model`, so checkpoints of this run record what was
-    actually trained.
+    `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours), read by
+    `checkpoint_reader.read_checkpoint`: its model settings (read as checked data, never instantiated) replace
+    `cfg.model`, so checkpoints of this run record what was actually trained, and the model is built once with
+    the read weights as its parameters.
     """
     pretrained = None
     if cfg.get("init_from"):
-        from llava_lit.interop.pretrained import load_pretrained_llava
-
-        pretrained = load_pretrained_llava(cfg.init_from)
+        pretrained = read_checkpoint(cfg.init_from)
         with open_dict(cfg):
             cfg.model = OmegaConf.create(pretrained.config.to_node())
         for key in ("template", "image_aspect"):
@@ -177,8 +177,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     with open_dict(cfg):  # checkpoints record the mode the ids were made with: a reload never flips it
         cfg.model.tokenizer_legacy = tokenizer_legacy(tokenizer)
     if pretrained is not None:
-        model = pretrained.config.build(tokenizer)
-        pretrained.load_into(model)
+        model, _ = pretrained.build(tokenizer)  # built once, the read weights as its parameters
+        del pretrained
     else:
         model = instantiate(cfg.model, tokenizer=tokenizer)
     if cfg.init_projector and not cfg.ckpt_path:

@@ -9,8 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import LlavaForConditionalGeneration
 
+from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.export import main
-from llava_lit.interop.pretrained import load_pretrained_llava
 
 
 @pytest.mark.parametrize("layout", ["file", "distributed"])
@@ -35,7 +35,7 @@ def test_export_from_training_checkpoint(
     assert "finetune" in card and "vicuna_v1" in card and str(tiny_backbones / "llm") in card
 
     # Our own training checkpoints are also a starting point for further training.
-    pretrained = load_pretrained_llava(str(checkpoint))
+    pretrained = read_checkpoint(str(checkpoint))
     assert pretrained.kind == "llava_lit" and pretrained.template == "vicuna_v1"
     for key, value in model.state_dict().items():
         assert torch.equal(pretrained.state_dict[key], value), key

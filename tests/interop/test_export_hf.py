@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.conversation import get_template
 from llava_lit.images import ImageLoader
 from llava_lit.inference.generation import SamplingParams
 from llava_lit.inference.loading import bundle_from_model, load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
-from llava_lit.interop.pretrained import load_pretrained_llava
 from llava_lit.tokenization import load_tokenizer
 
 RUN_CONFIG = {
@@ -99,7 +99,7 @@ def test_greedy_generation_matches_predict(exported: Path, tiny_llava, llama_tok
 
 
 def test_round_trip_is_exact(exported: Path, tiny_llava, tmp_path: Path) -> None:
-    pretrained = load_pretrained_llava(str(exported), workdir=tmp_path)
+    pretrained = read_checkpoint(str(exported), workdir=tmp_path)
     assert pretrained.kind == "hf" and pretrained.template == "vicuna_v1" and pretrained.image_aspect == "pad"
     model, tokenizer = pretrained.build()
     ours, back = tiny_llava.state_dict(), model.state_dict()
@@ -116,7 +116,7 @@ def test_system_prompt_survives_export_and_import(tiny_llava, llama_tokenizer, t
     folder = export_hf_llava(
         tiny_llava, llama_tokenizer, tmp_path / "hf", template=template, image_aspect="pad"
     )
-    pretrained = load_pretrained_llava(str(folder), workdir=tmp_path / "work")
+    pretrained = read_checkpoint(str(folder), workdir=tmp_path / "work")
     assert (pretrained.template, pretrained.system_prompt) == ("vicuna_v1", "")
     bundle = load_for_inference(str(folder))
     assert bundle.template == template

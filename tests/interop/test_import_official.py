@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from inference_helpers import write_official
-from llava_lit.interop.pretrained import load_pretrained_llava
+from llava_lit.checkpoint_reader import read_checkpoint
 
 
 def _logits(model, image_token_id: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ def test_official_checkpoint_gives_same_logits(
         original, tmp_path / "official", tiny_backbones, llama_tokenizer_dir, with_tower=with_tower
     )
 
-    pretrained = load_pretrained_llava(str(folder), workdir=tmp_path / "work")
+    pretrained = read_checkpoint(str(folder), workdir=tmp_path / "work")
     assert pretrained.kind == "official" and pretrained.image_aspect == "pad"
     assert pretrained.pretrained_parts == (() if with_tower else ("vision_tower.",))
     model, tokenizer = pretrained.build()
@@ -69,7 +69,7 @@ def test_stage1_projector_folder_imports(
     }
     (folder / "config.json").write_text(json.dumps(config))
 
-    pretrained = load_pretrained_llava(str(folder / "mm_projector.bin"), workdir=tmp_path / "work")
+    pretrained = read_checkpoint(str(folder / "mm_projector.bin"), workdir=tmp_path / "work")
     assert pretrained.kind == "official_projector" and pretrained.image_aspect == "crop"
     model, _ = pretrained.build()
     for key, value in original.state_dict().items():
@@ -83,9 +83,9 @@ def test_unsupported_official_checkpoints_are_refused(tmp_path: Path) -> None:
         json.dumps({"model_type": "llava_llama", "mm_vision_tower": "x", "image_aspect_ratio": "anyres"})
     )
     with pytest.raises(ValueError, match="anyres"):
-        load_pretrained_llava(str(folder), workdir=tmp_path / "work")
+        read_checkpoint(str(folder), workdir=tmp_path / "work")
     lonely = tmp_path / "lonely" / "mm_projector.bin"
     lonely.parent.mkdir()
     torch.save({}, lonely)
     with pytest.raises(ValueError, match="init_projector"):
-        load_pretrained_llava(str(lonely))
+        read_checkpoint(str(lonely))

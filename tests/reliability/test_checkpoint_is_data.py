@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from inference_helpers import save_checkpoint, tiny_run_config
+from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.inference import load_for_inference
-from llava_lit.interop.pretrained import load_pretrained_llava
 from llava_lit.untrusted import ConfigRefused
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +108,7 @@ def test_an_official_folder_with_a_target_is_refused(field, tiny_backbones, tmp_
     marker = tmp_path / "ran"
     folder = _official_folder(tiny_backbones, tmp_path / "official", **{field: payload(marker)})
     with pytest.raises(ConfigRefused, match=f"{field}._target_"):
-        load_pretrained_llava(folder, workdir=tmp_path / "work")
+        read_checkpoint(folder, workdir=tmp_path / "work")
     assert not marker.exists()
 
 
@@ -126,7 +126,7 @@ def test_a_transformers_folder_with_a_target_is_refused(tiny_backbones, weights,
     config["vision_feature_layer"] = payload(marker)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises((ConfigRefused, ValueError)):
-        load_pretrained_llava(folder, workdir=tmp_path / "work")
+        read_checkpoint(folder, workdir=tmp_path / "work")
     assert not marker.exists()
 
 
@@ -142,7 +142,7 @@ def test_a_hub_id_is_read_as_data_too(tiny_backbones, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     with pytest.raises(ConfigRefused, match="mm_projector_type._target_"):
-        load_pretrained_llava("stranger/llava", workdir=tmp_path / "work")
+        read_checkpoint("stranger/llava", workdir=tmp_path / "work")
     assert not marker.exists()
 
 

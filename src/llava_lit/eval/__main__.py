@@ -9,8 +9,10 @@ the official LLaVA scripts); (3) score, write `metrics.json` and print the table
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from omegaconf import DictConfig
 
 from llava_lit.eval.jsonl import read_answers, write_questions
 from llava_lit.eval.report import Metrics, print_table, write_metrics
+from llava_lit.load_settings import LoadSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ def predict_answers(
     checkpoint: str,
     batch_size: int,
     max_new_tokens: int,
+    load: Mapping[str, Any] | None = None,
 ) -> None:
     """Run the project's batched prediction (the single call site of `llava_lit.predict` in evaluation)."""
     from llava_lit.predict import predict  # loads the model stack; not needed when re-scoring
@@ -42,6 +46,7 @@ def predict_answers(
         checkpoint=checkpoint,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        **(load or {}),
     )
 
 
@@ -54,11 +59,13 @@ def evaluate(
     checkpoint: str | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 128,
+    load: Mapping[str, Any] | None = None,
 ) -> Metrics:
     """Questions -> answers -> metrics for one benchmark object; writes `questions.jsonl`, `metrics.json`.
 
     With `answers_file` the given answers are scored and nothing is predicted; otherwise `checkpoint` is
-    required and the answers are written to `<output_dir>/answers.jsonl`.
+    required and the answers are written to `<output_dir>/answers.jsonl`. `load` holds `LoadSettings` fields
+    (`conf/load/default.yaml`) for loading the checkpoint.
     """
     out = Path(output_dir)
     questions_file = out / "questions.jsonl"
@@ -75,6 +82,7 @@ def evaluate(
             checkpoint=checkpoint,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
+            load=load,
         )
     else:
         answers_path = Path(answers_file)
@@ -104,6 +112,7 @@ def main(cfg: DictConfig) -> None:
         checkpoint=cfg.checkpoint,
         batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
+        load={f.name: cfg[f.name] for f in dataclasses.fields(LoadSettings)},
     )
 
 

@@ -7,11 +7,13 @@ miniature world's proof, sample tables, the teacher pipeline) decodes through on
 from llava_lit.inference.generation import Completion, Generator, SamplingParams, StreamDelta
 from llava_lit.inference.loading import InferenceBundle, load_for_inference
 from llava_lit.inference.prompts import Prompt, PromptError, build_prompt
+from llava_lit.load_settings import LoadSettings
 
 __all__ = [
     "Completion",
     "Generator",
     "InferenceBundle",
+    "LoadSettings",
     "Prompt",
     "PromptError",
     "SamplingParams",

@@ -2,8 +2,7 @@
 
 - `export_hf.export_hf_llava`: a `LlavaModel` + tokenizer -> a folder that `LlavaForConditionalGeneration` and
   `LlavaProcessor` load (weights, config, tokenizer, image processor, chat template, model card).
-- `training_checkpoint.read_training_checkpoint`: a Lightning checkpoint (file or FSDP2 directory) -> run config +
-  `LlavaModel` state dict.
-- `pretrained.load_pretrained_llava`: an official LLaVA checkpoint, an `mm_projector.bin`, a llava-hf folder or one
-  of our training checkpoints -> a `model` config node + state dict to start training or inference from.
+- `import_hf`, `import_official`: a transformers LLaVA folder / an official LLaVA folder or stage-1 projector -> a
+  `pretrained.PretrainedLlava`; `llava_lit.checkpoint_reader` decides which applies.
+- `pretrained.PretrainedLlava`: a model's settings and weights, and `build`, the loader that holds them once.
 """

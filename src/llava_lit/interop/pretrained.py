@@ -1,26 +1,22 @@
-"""Starting points from elsewhere: one entry that turns a checkpoint of any supported kind into our model.
+"""A model to start from, as `checkpoint_reader.read_checkpoint` returns it, and the one loader that builds it.
 
-`load_pretrained_llava(source)` accepts
-- an official LLaVA checkpoint folder (`liuhaotian/llava-v1.5-7b` style: `model_type: llava_llama`, keys
-  `model.mm_projector.*`, LLaMA keys under `model.*`, with or without `model.vision_tower.vision_tower.*`),
-- an official stage-1 folder (`config.json` + `mm_projector.bin`, no LLM weights),
-- a transformers LLaVA folder (`llava-hf/*`, `model_type: llava`, current or pre-4.52 key layout),
-- one of our training checkpoints (Lightning `.ckpt` file or FSDP2 directory),
-- or a hub id of the first three (resolved through the local Hugging Face cache / hub).
+`PretrainedLlava` holds the model's settings (`LlavaModelConfig`, the same fields as `conf/model/*.yaml`), a state
+dict in `LlavaModel`'s key layout, and what the source says about data handling (template, image aspect).
+`PretrainedLlava.build` is the only place a model is made from checkpoint weights: every part whose weights the
+state dict holds is built with its parameters on the meta device (no memory, no random init) and the state dict's
+tensors become the parameters (`load_state_dict(..., assign=True)`), so a 7B model is held once, never as a
+random-init model plus the checkpoint. Parts the state dict does not hold (`pretrained_parts`) load from their
+pretrained backbone as in a normal build.
 
-It returns a `PretrainedLlava`: the model's settings (`LlavaModelConfig`, the same fields as `conf/model/*.yaml`)
-and a state dict in `LlavaModel`'s key layout, plus what the source says about data handling (template, image
-aspect). Backbone configs that the source only holds inside its own `config.json` are written as small standalone
-folders under `workdir`, so the settings are an ordinary, reusable model config. Whatever a source's files say is
-data: the settings are checked by `LlavaModelConfig.from_data` and built by fixed code, never instantiated.
+Whatever a source's files say is data: the settings are checked by `LlavaModelConfig.from_data` and built by fixed
+code, never instantiated (`llava_lit.untrusted`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llava_lit.model.llava import LlavaModel, LlavaModelConfig
+from llava_lit.model.llava import MODEL_PARTS, LlavaModel, LlavaModelConfig
 from llava_lit.tokenization import load_tokenizer
 from llava_lit.untrusted import ConfigRefused, check_plain_data
 
@@ -45,12 +41,13 @@ class PretrainedLlava:
     config: LlavaModelConfig
     """The model's settings (checked data: `LlavaModelConfig.from_data`)."""
     state_dict: dict[str, torch.Tensor]
-    """Weights in `LlavaModel` key layout: every tensor except those under `pretrained_parts`."""
+    """Weights in `LlavaModel` key layout: every tensor except those under `pretrained_parts`. `build` makes these
+    tensors the model's parameters (no copy), so the model and this dict share storage afterwards."""
     pretrained_parts: tuple[str, ...]
     """Key prefixes (`vision_tower.`, `language_model.`) whose weights come from the pretrained backbones named in
     `config` instead of `state_dict`; empty when `state_dict` holds the whole model."""
     kind: str
-    """`official`, `official_projector`, `hf`, or `llava_lit`."""
+    """`official`, `official_projector`, `hf`, or `llava_lit` (one of our training checkpoints)."""
     source: str
     """What was asked for."""
     template: str | None = None
@@ -59,26 +56,30 @@ class PretrainedLlava:
     """The system prompt that replaced the template's in training (`data.system_prompt`); None = the template's."""
     image_aspect: str | None = None
     """The source's image handling (`pad`/`crop`/`resize`), when it says so (`data.image_aspect`)."""
+    run_config: dict[str, Any] | None = None
+    """For our training checkpoints: the stored run config, checked (`model` and the inference `data` settings);
+    None for other sources."""
     notes: list[str] = field(default_factory=list)
     """Conversions applied (dropped buffers, grown embeddings, ...), for the log."""
 
     def build(
         self, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
-        """Build the model from `config`, load the weights, and return it with its tokenizer."""
+        """Build the model once, with the weights of `state_dict` as its parameters, and return it with its
+        tokenizer (`tokenizer` or the one `config` names)."""
         if tokenizer is None:
             tokenizer = load_tokenizer(self.config.tokenizer_source, legacy=self.config.tokenizer_legacy)
-        model = self.config.build(tokenizer)
-        self.load_into(model)
+        held = {part for part in MODEL_PARTS if not f"{part}.".startswith(self.pretrained_parts)}
+        model = self.config.build(tokenizer, empty_weights=held)
+        load_llava_weights(model, self.state_dict, pretrained_parts=self.pretrained_parts, source=self.source)
         return model, tokenizer
 
-    def load_into(self, model: LlavaModel) -> None:
-        """Copy the weights into `model` (built from `config`), with a clear error when they do not fit.
-
-        Embedding matrices with fewer rows than the model (a source without `<image>`/`<pad>` tokens) fill the
-        missing rows with the mean of the given ones, as `resize_embeddings_for_tokenizer` does for a base LLM.
-        """
-        load_llava_weights(model, self.state_dict, pretrained_parts=self.pretrained_parts, source=self.source)
+    def with_attention(self, attn_implementation: str | None) -> PretrainedLlava:
+        """This source with the language model's attention implementation replaced (None keeps the recorded)."""
+        if attn_implementation is None:
+            return self
+        lm = dataclasses.replace(self.config.language_model, attn_implementation=attn_implementation)
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, language_model=lm))
 
 
 def load_llava_weights(
@@ -88,8 +89,15 @@ def load_llava_weights(
     pretrained_parts: tuple[str, ...] = (),
     source: str = "checkpoint",
 ) -> None:
-    """Load `state` (LlavaModel keys) into `model`; every model tensor not under `pretrained_parts` must be there."""
-    own = model.state_dict()
+    """Make the tensors of `state` (LlavaModel keys) the parameters and buffers of `model`, in place.
+
+    Every model tensor not under `pretrained_parts` must be in `state`, with the model's shape. A tensor of the
+    model's dtype is taken as is (`assign=True`: no copy); another dtype is converted once, tensor by tensor.
+    Embedding matrices with fewer rows than the model (a source without `<image>`/`<pad>` tokens) get the missing
+    rows set to the mean of the given ones, as `resize_embeddings_for_tokenizer` does for a base LLM. Parameters
+    keep their `requires_grad`; tied input/output embeddings are tied again afterwards.
+    """
+    own = model.state_dict(keep_vars=True)
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state and not k.startswith(pretrained_parts))
     if unexpected or missing:
@@ -97,87 +105,30 @@ def load_llava_weights(
             f"{source} does not fit the model built from its config: missing {missing[:5]} ({len(missing)}), "
             f"unexpected {unexpected[:5]} ({len(unexpected)})"
         )
-    with torch.no_grad():
-        for key, value in state.items():
-            target = own[key]
-            if (
-                key in EMBEDDING_KEYS
-                and value.shape[0] < target.shape[0]
-                and value.shape[1:] == target.shape[1:]
-            ):
-                rows = value.shape[0]
-                target[:rows].copy_(value)
-                target[rows:] = value.float().mean(dim=0).to(target.dtype)
-                log.info(
-                    "%s: %s grown from %d to %d rows (mean-initialised)", source, key, rows, target.shape[0]
-                )
-                continue
-            if value.shape != target.shape:
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}"
-                )
-            target.copy_(value)
-
-
-def default_workdir(source: str) -> Path:
-    """Where the backbone configs of an imported `source` are written (under the llava_lit cache)."""
-    cache = Path(os.environ.get("LLAVA_LIT_CACHE", Path.home() / ".cache" / "llava_lit"))
-    digest = hashlib.sha1(
-        str(Path(source).resolve() if Path(source).exists() else source).encode()
-    ).hexdigest()
-    return cache / "imported" / digest[:16]
-
-
-def resolve_source(source: str) -> Path:
-    """A local path as is; otherwise a hub id, fetched into (or found in) the Hugging Face cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source} is neither an existing path nor a hub id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source))
-
-
-def load_pretrained_llava(source: str | Path, *, workdir: str | Path | None = None) -> PretrainedLlava:
-    """Read `source` (see the module docstring) into a `PretrainedLlava`.
-
-    Args:
-        source: a local file or folder, or a hub id.
-        workdir: where to write the backbone configs extracted from the source; default under the llava_lit cache
-            (`$LLAVA_LIT_CACHE/imported/<hash of source>`).
-    """
-    from llava_lit.interop import import_hf, import_official
-
-    source = str(source)
-    path = resolve_source(source)
-    work = Path(workdir) if workdir is not None else default_workdir(source)
-    if (path.is_file() and path.suffix == ".ckpt") or (path.is_dir() and (path / ".metadata").is_file()):
-        return _from_training_checkpoint(path, source)
-    if path.is_file():
-        if path.suffix in (".bin", ".safetensors") and "projector" in path.name:
-            if not (path.parent / "config.json").is_file():
-                raise ValueError(
-                    f"{path} is a projector-only file without the config.json of its run, so the vision tower and "
-                    "LLM it belongs to are unknown: train from it with `init_projector=` and your model config"
-                )
-            return import_official.import_official(path.parent, work, source=source, projector_file=path)
-        raise ValueError(f"{path}: not a file kind llava_lit imports (.ckpt, mm_projector.bin, or a folder)")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ValueError(
-            f"{path} has no config.json: not an official LLaVA, llava-hf or llava_lit checkpoint"
-        )
-    config = read_config_json(config_path)
-    if config.get("model_type") == "llava":
-        return import_hf.import_hf(path, work, source=source)
-    if "mm_vision_tower" in config or str(config.get("model_type", "")).startswith("llava_"):
-        return import_official.import_official(path, work, source=source)
-    raise ValueError(
-        f"{path}: model_type {config.get('model_type')!r} is neither transformers' 'llava' nor an official "
-        "LLaVA 'llava_*' checkpoint (with mm_vision_tower)"
-    )
+    fitted: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        value, target = state[key], own[key]
+        if key in EMBEDDING_KEYS and value.shape[0] < target.shape[0] and value.shape[1:] == target.shape[1:]:
+            rows = value.shape[0]
+            grown = torch.empty(target.shape, dtype=target.dtype)
+            grown[:rows] = value
+            grown[rows:] = value.float().mean(dim=0).to(target.dtype)
+            log.info("%s: %s grown from %d to %d rows (mean-initialised)", source, key, rows, target.shape[0])
+            value = state[key] = grown
+        elif value.shape != target.shape:
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}"
+            )
+        if value.dtype != target.dtype:
+            value = state[key] = value.to(target.dtype)
+        fitted[key] = value
+    model.load_state_dict(fitted, strict=False, assign=True)
+    language_model = model.language_model
+    if getattr(language_model.config, "tie_word_embeddings", False):
+        language_model.tie_weights()
+    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise ValueError(f"{source}: no weights for {still_empty[:5]} ({len(still_empty)})")
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -186,23 +137,6 @@ def read_config_json(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigRefused(f"{path} holds a {type(config).__name__}, not a config object")
     return config
-
-
-def _from_training_checkpoint(path: Path, source: str) -> PretrainedLlava:
-    from llava_lit.inference.loading import load_for_inference
-
-    bundle = load_for_inference(path)
-    data = bundle.run_config.get("data") or {}
-    return PretrainedLlava(
-        config=LlavaModelConfig.from_data(bundle.run_config["model"], source=source),
-        state_dict={k: v.detach().clone() for k, v in bundle.model.state_dict().items()},
-        pretrained_parts=(),
-        kind="llava_lit",
-        source=source,
-        template=data.get("template"),
-        system_prompt=data.get("system_prompt"),
-        image_aspect=data.get("image_aspect"),
-    )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:

@@ -7,10 +7,12 @@ ones so the added tokens start as an "average" token rather than noise.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from llava_lit.model.dtypes import parse_dtype
@@ -51,11 +53,13 @@ def load_config(cfg: LanguageModelConfig) -> PretrainedConfig:
 
 
 def build_language_model(
-    cfg: LanguageModelConfig | dict[str, Any], *, on_meta: bool = False
+    cfg: LanguageModelConfig | dict[str, Any], *, on_meta: bool = False, empty_weights: bool = False
 ) -> PreTrainedModel:
-    """Build (and load, unless `on_meta` or not `pretrained`) the causal LM described by `cfg`.
+    """Build (and load, unless `on_meta`, `empty_weights` or not `pretrained`) the causal LM described by `cfg`.
 
-    With `on_meta` the caller has entered `torch.device("meta")`: only the architecture is built.
+    With `on_meta` the caller has entered `torch.device("meta")`: only the architecture is built. With
+    `empty_weights` the parameters are left on the meta device (no memory, no random init) while buffers such as
+    the rotary frequencies are real: the caller assigns the weights (`load_state_dict(..., assign=True)`).
     """
     if isinstance(cfg, dict):
         cfg = LanguageModelConfig(**cfg)
@@ -64,11 +68,12 @@ def build_language_model(
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.pretrained and not on_meta:
+    if cfg.pretrained and not on_meta and not empty_weights:
         return AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, dtype=dtype if dtype is not None else "auto", **kwargs
         )
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    with init_empty_weights(include_buffers=False) if empty_weights else nullcontext():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     if dtype is not None:
         model.to(dtype)
     return model

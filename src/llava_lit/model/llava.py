@@ -13,12 +13,13 @@ shift, belongs to the LightningModule.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -33,6 +34,9 @@ from llava_lit.model.projector import build_projector, check_projector_type
 from llava_lit.model.vision_tower import VisionTower, VisionTowerConfig, build_vision_tower
 from llava_lit.packing import check_packing_attention
 from llava_lit.untrusted import ConfigRefused, dataclass_from_data
+
+MODEL_PARTS = ("vision_tower", "projector", "language_model")
+"""`LlavaModel`'s submodules, each the first component of its state-dict keys."""
 
 BUILD_TARGET = "llava_lit.model.build_llava"
 """The one builder a model config node may name (`conf/model/*.yaml`, and the run config stored in checkpoints)."""
@@ -282,7 +286,11 @@ class LlavaModelConfig:
         return {"_target_": BUILD_TARGET, "_convert_": "all", **dataclasses.asdict(self)}
 
     def build(
-        self, tokenizer: PreTrainedTokenizerBase, *, device: str | torch.device | None = None
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        device: str | torch.device | None = None,
+        empty_weights: Collection[str] = (),
     ) -> LlavaModel:
         """Build the model these settings describe (see `build_llava`)."""
         return build_llava(
@@ -291,6 +299,7 @@ class LlavaModelConfig:
             language_model=self.language_model,
             tokenizer=tokenizer,
             device=device,
+            empty_weights=empty_weights,
         )
 
 
@@ -303,27 +312,39 @@ def build_llava(
     device: str | torch.device | None = None,
     tokenizer_name_or_path: str | None = None,
     tokenizer_legacy: bool | None = None,
+    empty_weights: Collection[str] = (),
 ) -> LlavaModel:
     """Build a `LlavaModel` (the Hydra target of `conf/model/*.yaml`).
 
     `device="meta"` builds the real-size architecture without memory or weights (configs come from
     `config_path` / the checkpoints' `config.json`), for parameter counting and deferred FSDP init. Any other
-    device loads on the CPU and then moves there. `tokenizer_name_or_path` and `tokenizer_legacy` are read by the
-    caller that loads the tokenizer; they are accepted here only so the model config node can be instantiated
-    as is.
+    device loads on the CPU and then moves there. `empty_weights` names parts (`vision_tower`, `projector`,
+    `language_model`) whose parameters stay on the meta device, neither loaded nor initialised, while their
+    buffers are real: a checkpoint loader then assigns its tensors as the parameters
+    (`load_state_dict(..., assign=True)`), so the weights are held once. `tokenizer_name_or_path` and
+    `tokenizer_legacy` are read by the caller that loads the tokenizer; they are accepted here only so the model
+    config node can be instantiated as is.
     """
     del tokenizer_name_or_path, tokenizer_legacy  # consumed by the tokenizer loader, see docstring
     if isinstance(vision_tower, dict):
         vision_tower = VisionTowerConfig(**vision_tower)
     if isinstance(language_model, dict):
         language_model = LanguageModelConfig(**language_model)
+    unknown = set(empty_weights) - set(MODEL_PARTS)
+    if unknown:
+        raise ValueError(f"empty_weights names unknown parts {sorted(unknown)}; parts: {list(MODEL_PARTS)}")
     image_token_id = image_token_id_of(tokenizer)
     on_meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if on_meta else nullcontext():
-        tower = build_vision_tower(vision_tower, on_meta=on_meta)
-        lm = build_language_model(language_model, on_meta=on_meta)
-        resize_embeddings_for_tokenizer(lm, len(tokenizer), language_model.pad_vocab_to_multiple_of)
-        proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
+        tower = build_vision_tower(
+            vision_tower, on_meta=on_meta, empty_weights="vision_tower" in empty_weights
+        )
+        empty_lm = "language_model" in empty_weights
+        lm = build_language_model(language_model, on_meta=on_meta, empty_weights=empty_lm)
+        with init_empty_weights(include_buffers=False) if empty_lm else nullcontext():
+            resize_embeddings_for_tokenizer(lm, len(tokenizer), language_model.pad_vocab_to_multiple_of)
+        with init_empty_weights(include_buffers=False) if "projector" in empty_weights else nullcontext():
+            proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
     model = LlavaModel(tower, proj, lm, image_token_id)
     if device is not None and not on_meta:
         model.to(device)

@@ -13,12 +13,14 @@ a stage callback.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import torch
+from accelerate import init_empty_weights
 from timm.data import resolve_model_data_config
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -226,16 +228,19 @@ class VisionTower(nn.Module):
         return patches
 
 
-def _build_hf_clip(cfg: VisionTowerConfig, on_meta: bool) -> tuple[nn.Module, CLIPImageProcessor]:
+def _build_hf_clip(
+    cfg: VisionTowerConfig, on_meta: bool, empty_weights: bool
+) -> tuple[nn.Module, CLIPImageProcessor]:
     local = Path(cfg.name_or_path)
     if cfg.config_path is not None:
         vcfg = load_clip_vision_config(cfg.config_path)
     else:
         vcfg = CLIPVisionConfig.from_pretrained(cfg.name_or_path)
-    if cfg.pretrained and not on_meta:
+    if cfg.pretrained and not on_meta and not empty_weights:
         backbone = CLIPVisionModel.from_pretrained(cfg.name_or_path, config=vcfg)
     else:
-        backbone = CLIPVisionModel(vcfg)
+        with init_empty_weights(include_buffers=False) if empty_weights else nullcontext():
+            backbone = CLIPVisionModel(vcfg)
     # The processor that ships with the checkpoint is the truth; a config-only build gets CLIP's standard one.
     if (local / "preprocessor_config.json").exists() or (cfg.pretrained and not on_meta):
         processor = CLIPImageProcessor.from_pretrained(cfg.name_or_path)
@@ -266,19 +271,26 @@ def _timm_processor_for(model: nn.Module) -> CLIPImageProcessor:
     )
 
 
-def build_vision_tower(cfg: VisionTowerConfig | dict[str, Any], *, on_meta: bool = False) -> VisionTower:
-    """Build (and load, unless `on_meta` or not `pretrained`) the vision tower described by `cfg`.
+def build_vision_tower(
+    cfg: VisionTowerConfig | dict[str, Any], *, on_meta: bool = False, empty_weights: bool = False
+) -> VisionTower:
+    """Build (and load, unless `on_meta`, `empty_weights` or not `pretrained`) the vision tower described by `cfg`.
 
     With `on_meta` the caller has entered `torch.device("meta")`: only the architecture is built, never weights.
+    With `empty_weights` the parameters stay on the meta device and buffers are real, for the caller to assign
+    the weights (`load_state_dict(..., assign=True)`); the image processor is the one a normal build reads.
     """
     if isinstance(cfg, dict):
         cfg = VisionTowerConfig(**cfg)
     if cfg.backend == "hf_clip":
-        backbone, processor = _build_hf_clip(cfg, on_meta)
+        backbone, processor = _build_hf_clip(cfg, on_meta, empty_weights)
     elif cfg.backend == "timm":
-        backbone = timm.create_model(
-            cfg.name_or_path, pretrained=cfg.pretrained and not on_meta, **cfg.timm_kwargs
-        )
+        with init_empty_weights(include_buffers=False) if empty_weights else nullcontext():
+            backbone = timm.create_model(
+                cfg.name_or_path,
+                pretrained=cfg.pretrained and not on_meta and not empty_weights,
+                **cfg.timm_kwargs,
+            )
         processor = _timm_processor_for(backbone)
     else:
         raise ValueError(f"unknown vision backend {cfg.backend!r}; allowed: {', '.join(_BACKENDS)}")

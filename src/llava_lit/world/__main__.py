@@ -21,7 +21,7 @@ from llava_lit.world.build import WorldConfig, build_world, ensure_world, load_w
 class BuildArgs:
     """Command-line settings of a world build."""
 
-    out_dir: str = "${oc.env:LLAVA_LIT_CACHE,${oc.env:HOME}/.cache/llava_lit}/world"
+    out_dir: str = "${llava_lit_cache:}/world"
     """Where the world goes (the training configs' default `paths.world_dir`)."""
 
     preset: str = "default"
