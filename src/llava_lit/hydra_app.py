@@ -193,27 +193,36 @@ def settings_docs(config_name: str, choices: Mapping[str, Any]) -> dict[str, str
 
 
 def render_settings_help(root: DictConfig) -> str:
-    """The `--help` text of the composed config `root`: usage, config groups, every setting with its doc."""
-    job = root.hydra.job
-    config_name = job.config_name
-    choices = OmegaConf.to_container(root.hydra.runtime.choices)
-    docs = settings_docs(config_name, choices)  # type: ignore[arg-type]
+    """The `--help` text of the composed config `root` (with its `hydra` node): usage, the config groups it
+    chose from, every setting with its value and doc, and Hydra's flags."""
+    config_name = root.hydra.job.config_name
+    choices = {
+        group: choice
+        for group, choice in OmegaConf.to_container(root.hydra.runtime.choices).items()  # type: ignore[union-attr]
+        if not group.startswith("hydra")
+    }
+    docs = settings_docs(config_name, choices)
     settings = OmegaConf.to_container(root, resolve=False)
     settings.pop("hydra", None)  # type: ignore[union-attr]
-    lines = []
+    lines = [
+        f"python -m llava_lit.{config_name} [KEY=VALUE ...]" + (" [GROUP=CHOICE ...]" if choices else "")
+    ]
+    if choices:
+        lines += ["", "== Config groups (GROUP=CHOICE: the choice made, then the others) =="]
+        for group, choice in choices.items():
+            options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+            lines.append(f"  {group}={choice}  ({', '.join(options)})")
+    lines += ["", "== Settings (KEY=VALUE, as composed with the overrides given) =="]
     for key, value in _flatten(settings):
         lines.append(f"  {key}={value}")
         if key in docs:
             lines.append(f"      {docs[key]}")
-    body = "\n".join(lines).replace("$", "$$")  # the text goes through string.Template next
-    return (
-        f"python -m llava_lit.{config_name} [KEY=VALUE ...] [GROUP=CHOICE ...]\n\n"
-        "== Config groups (GROUP=CHOICE) ==\n$APP_CONFIG_GROUPS\n\n"
-        "== Settings (KEY=VALUE, as composed with the overrides given) ==\n"
-        f"{body}\n\n"
-        f"Configs: {config_dir()} (add a folder: hydra.searchpath=[file:///path/to/conf]).\n"
-        "== Flags ==\n$FLAGS_HELP"
-    )
+    lines += [
+        "",
+        f"Configs: {config_dir()} (add a folder of your own: hydra.searchpath=[file:///path/to/conf]).",
+    ]
+    text = "\n".join(lines).replace("$", "$$")  # the text goes through string.Template next
+    return text + "\n\n== Flags ==\n$FLAGS_HELP"
 
 
 def _help_resolver(*, _root_: DictConfig) -> str:
