@@ -70,8 +70,8 @@ _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*):(?P<rest>.*)$"
 _PACKAGE_HEADER = re.compile(r"^#\s*@package\s+(?P<package>\S+)")
 
 
-def _trailing_comment(rest: str) -> str | None:
-    """The `# comment` after a yaml value (a `#` preceded by whitespace, outside quotes), or None."""
+def _comment_start(rest: str) -> int | None:
+    """Where the `# comment` after a yaml value starts (a `#` after whitespace, outside quotes), or None."""
     quote = None
     for i, char in enumerate(rest):
         if quote:
@@ -79,7 +79,7 @@ def _trailing_comment(rest: str) -> str | None:
         elif char in "'\"":
             quote = char
         elif char == "#" and (i == 0 or rest[i - 1] in " \t"):
-            return rest[i + 1 :].strip()
+            return i
     return None
 
 
@@ -117,10 +117,10 @@ def yaml_key_docs(path: Path, package: str = "") -> dict[str, str]:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         key = ".".join([p for p in (package, *(k for _, k in stack), match["key"]) if p])
-        comment = _trailing_comment(match["rest"])
-        if comment:
-            docs[key] = comment
-            last = (key, line.index("#", len(line) - len(match["rest"])))
+        start = _comment_start(match["rest"])
+        if start is not None:
+            docs[key] = match["rest"][start + 1 :].strip()
+            last = (key, len(line) - len(match["rest"]) + start)
         elif above and seen_key:  # the comments above the first key describe the file, not the key
             docs[key] = " ".join(above)
         above = []
