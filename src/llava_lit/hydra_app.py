@@ -46,11 +46,12 @@ def config_dir() -> Path:
 
 def hydra_app(
     config_name: str, schemas: Mapping[str, type] | None = None
-) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+) -> Callable[[Callable[[DictConfig], Any]], Callable[..., Any]]:
     """`@hydra.main` over the packaged config tree, with `schemas` documenting settings in `--help`.
 
     `schemas` maps a key prefix (`""` for the root) to the dataclass whose field docstrings document the keys
-    under it (nested dataclass fields are followed).
+    under it (nested dataclass fields are followed). The decorated function runs the command line when called
+    without arguments, and returns its result when called with a composed config (`compose_config(name, ...)`).
     """
     _SCHEMAS[config_name] = dict(schemas or {})
     return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
@@ -208,10 +209,11 @@ def render_settings_help(root: DictConfig) -> str:
         f"python -m llava_lit.{config_name} [KEY=VALUE ...]" + (" [GROUP=CHOICE ...]" if choices else "")
     ]
     if choices:
-        lines += ["", "== Config groups (GROUP=CHOICE: the choice made, then the others) =="]
-        for group, choice in choices.items():
+        lines += ["", "== Config groups (GROUP=CHOICE as composed, then every choice of the group) =="]
+        for group, choice in sorted(choices.items()):
             options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
-            lines.append(f"  {group}={choice}  ({', '.join(options)})")
+            if options:  # an optional group without files here (`local`) is left out
+                lines.append(f"  {group}={_value_text(choice)}  ({', '.join(options)})")
     lines += ["", "== Settings (KEY=VALUE, as composed with the overrides given) =="]
     for key, value in _flatten(settings):
         lines.append(f"  {key}={value}")
@@ -226,6 +228,7 @@ def render_settings_help(root: DictConfig) -> str:
 
 
 def _help_resolver(*, _root_: DictConfig) -> str:
+    """`${llava_lit.help:}`: the help text of the config it is resolved in."""
     return render_settings_help(_root_)
 
 
