@@ -66,7 +66,7 @@ class BenchArgs:
     resize: str = field(default="pil", metadata={"help": "llava_lit's resize: pil (exact) or torch (faster)"})
     pre_resize: bool = field(
         default=False,
-        metadata={"help": "also time shards converted with --pre-resize (images stored at --image-size)"},
+        metadata={"help": "also time shards converted with pre_resize (images stored at --image-size)"},
     )
 
 

@@ -22,6 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw
 
+from llava_lit.hydra_app import config_dir
+
 # Set before transformers/huggingface_hub are imported anywhere: without them a missing model retries the
 # hub for ~25 s instead of failing at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,7 +142,7 @@ def trained_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(config_dir())
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 
 

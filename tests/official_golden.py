@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from llava_lit.constants import IMAGE_TOKEN
-from llava_lit.eval.jsonl import Question
+from llava_lit.qa_files import Question
 
 GOLDEN = json.loads(
     (Path(__file__).parent / "data" / "golden" / "official_llava_preprocess.json").read_text()

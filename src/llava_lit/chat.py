@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.hydra_app import hydra_app
 from llava_lit.images import ImageDecodeError
 from llava_lit.inference import InferenceBundle, SamplingParams, load_for_inference
 from llava_lit.load_settings import LoadSettings
@@ -133,7 +133,7 @@ def _switch_image(session: ChatSession, path: str, out: TextIO) -> None:
     out.write(f"(image {path}; new conversation)\n")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="chat")
+@hydra_app("chat", schemas={"": ChatConfig})
 def main(cfg: DictConfig) -> None:
     run(ChatConfig(**OmegaConf.to_container(cfg, resolve=True)))
 

@@ -1,5 +1,13 @@
 """`python -m llava_lit.convert`: an official LLaVA JSON file plus its image folder → WebDataset shards + manifest.
 
+    python -m llava_lit.convert json=LLaVA-Pretrain/blip_laion_cc_sbu_558k.json \\
+        image_folder=LLaVA-Pretrain/images out=shards/lcs558k
+    python -m llava_lit.convert json=llava_v1_5_mix665k.json image_folder=playground/data out=shards/mix665k \\
+        tokenizer=lmsys/vicuna-7b-v1.5 pre_resize=336 image_aspect=pad
+
+Settings are `key=value` overrides of `conf/convert.yaml` (Hydra; `--help` lists them with their docs, the
+fields of `ConvertConfig`).
+
 The whole input is read and parsed before anything is written: a `.json` file that does not parse is refused
 with its file, line and column, and nothing is written. Each record is then validated (`records.parse_record`)
 and each image fully decoded once here, so training never meets a missing or corrupt file; the records that
@@ -10,17 +18,17 @@ the end, never silently dropped. Reasons: `invalid_json` (a `.jsonl` line that d
 
 Image paths are confined to the image folder: an absolute path, or one whose resolved form (after `..` and
 symlinks) lies outside the folder, is skipped as `image_outside_folder` unless `allow_outside_image_folder`
-(`--allow-outside-image-folder`) is set, e.g. for an image folder whose subfolders are symlinks to other
+(`allow_outside_image_folder=true`) is set, e.g. for an image folder whose subfolders are symlinks to other
 disks.
 
 The output folder is replaced as a whole and only at the end: shards and manifest are written into a hidden
 temporary sibling (`atomic_files.atomic_directory`) that takes the output's name once complete, so a failure
 at any point (bad input, a full disk, an interrupt) leaves the previous conversion as it was. Because the
-whole folder is replaced, `--out` must be new, empty, or hold only a previous conversion (`shard-*.tar`,
+whole folder is replaced, `out` must be new, empty, or hold only a previous conversion (`shard-*.tar`,
 `manifest.json`); a folder with anything else in it is refused before any work, and so is a run in which every
 record was skipped (it would replace a good conversion with an empty one).
 
-With `pre_resize` (`--pre-resize SIZE --image-aspect MODE`) the images are stored already in the vision tower's
+With `pre_resize` (`pre_resize=SIZE image_aspect=MODE`) the images are stored already in the vision tower's
 input geometry (aspect mode applied, CLIP shortest-edge resize + centre crop to SIZE, the resample filter of
 CLIP's processor) as lossless PNG: training then skips the resize (about 0.2 ms instead of several ms an image)
 and gets the same pixels, at several times the disk of the original JPEGs. The manifest records the size and
@@ -32,23 +40,23 @@ Output is deterministic: records keep their file order, keys are their index in 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
-import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from llava_lit.atomic_files import atomic_directory
 from llava_lit.conversation import get_template
+from llava_lit.hydra_app import hydra_app
 from llava_lit.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageLoader, decode_image
 from llava_lit.records import InvalidRecord, Record, parse_record
 from llava_lit.shards import (
@@ -67,7 +75,7 @@ MAX_EXAMPLES_PER_REASON = 20
 """How many skipped records the manifest lists per reason."""
 
 PREVIOUS_OUTPUT = re.compile(r"shard-\d{6,}\.tar|" + re.escape(MANIFEST_NAME))
-"""Names a previous conversion leaves in its output folder: the only entries `--out` may hold."""
+"""Names a previous conversion leaves in its output folder: the only entries `out` may hold."""
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -164,7 +172,7 @@ def image_path(folder: Path, rel: str, *, allow_outside: bool = False) -> Path:
 
 
 def pre_resize_loader(size: int, aspect: str) -> ImageLoader:
-    """The image path `--pre-resize` stores: CLIP's processor geometry at `size` px in `aspect` mode, uint8."""
+    """The image path `pre_resize` stores: CLIP's processor geometry at `size` px in `aspect` mode, uint8."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -234,12 +242,12 @@ def check_out_dir(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ConvertError(f"--out {out} exists and is not a folder")
+        raise ConvertError(f"out={out} exists and is not a folder")
     foreign = sorted(p.name for p in out.iterdir() if not (PREVIOUS_OUTPUT.fullmatch(p.name) and p.is_file()))
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConvertError(
-            f"--out {out} holds files that are not a previous conversion ({listed}); the converter replaces "
+            f"out={out} holds files that are not a previous conversion ({listed}); the converter replaces "
             "the whole folder, so give it a new or empty folder (or one holding only shard-*.tar and "
             f"{MANIFEST_NAME})"
         )
@@ -281,7 +289,7 @@ def convert(
     are stored resized to that many pixels square in `image_aspect` mode (see the module docstring). Returns the
     manifest.
     """
-    out = Path(out_dir).resolve()  # a symlinked `--out`: the folder it points to is replaced, the link stays
+    out = Path(out_dir).resolve()  # a symlinked `out`: the folder it points to is replaced, the link stays
     check_out_dir(out)
     chat_template = get_template(template, system=system_prompt)
     entries = load_records(json_path)
@@ -380,75 +388,52 @@ def convert(
 
 
 @dataclass
-class ConvertArgs:
-    """Command-line settings of `python -m llava_lit.convert` (each field is a `--flag`)."""
+class ConvertConfig:
+    """Settings of `python -m llava_lit.convert` (the keys of `conf/convert.yaml`)."""
 
-    json: str = field(metadata={"help": "LLaVA JSON list (or .jsonl) of records"})
-    image_folder: str = field(metadata={"help": "folder the records' `image` paths are relative to"})
-    out: str = field(metadata={"help": "output folder for shard-*.tar and manifest.json"})
-    shard_size: int = field(default=1000, metadata={"help": "samples per shard"})
-    tokenizer: str | None = field(
-        default=None, metadata={"help": "tokenizer (hub id or folder) for length stats"}
-    )
-    template: str = field(default="vicuna_v1", metadata={"help": "chat template for length stats"})
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "system prompt replacing the template's for length stats"}
-    )
-    num_image_tokens: int = field(default=576, metadata={"help": "tokens per image for length stats"})
-    max_length: int = field(default=2048, metadata={"help": "model max length for length stats"})
-    source: str | None = field(default=None, metadata={"help": "source name (default: JSON file stem)"})
-    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject images with more pixels"})
-    num_threads: int = field(default=4, metadata={"help": "threads reading and verifying images"})
-    pre_resize: int | None = field(
-        default=None,
-        metadata={
-            "help": "store images already resized to this many pixels square (the vision tower's input size) "
-            "in --image-aspect mode, as PNG; training with another size or aspect refuses the shards"
-        },
-    )
-    image_aspect: str = field(
-        default="pad", metadata={"help": "aspect mode for --pre-resize: pad, crop or resize"}
-    )
-    allow_outside_image_folder: bool = field(
-        default=False,
-        metadata={
-            "help": "read image paths that are absolute or resolve outside --image-folder (through '..' or a "
-            "symlink); without it such records are skipped as image_outside_folder"
-        },
-    )
-
-
-def parse_args(argv: list[str]) -> ConvertArgs:
-    """Build the flag parser from `ConvertArgs`' fields and parse `argv`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m llava_lit.convert", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(ConvertArgs):
-        if f.type in ("bool", bool):
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=f.metadata["help"]
-            )
-            continue
-        required = f.default is dataclasses.MISSING
-        kind = int if f.type in ("int", int, "int | None") else str
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=kind,
-            required=required,
-            default=None if required else f.default,
-            help=f.metadata["help"],
-        )
-    return ConvertArgs(**vars(parser.parse_args(argv)))
+    json: str
+    """LLaVA JSON list (or .jsonl) of records."""
+    image_folder: str
+    """Folder the records' `image` paths are relative to."""
+    out: str
+    """Output folder for shard-*.tar and manifest.json (new, empty, or a previous conversion: it is replaced)."""
+    shard_size: int = 1000
+    """Samples per shard."""
+    tokenizer: str | None = None
+    """Tokenizer (hub id or folder) for the manifest's token-length statistics; null = no statistics."""
+    template: str = "vicuna_v1"
+    """Chat template for the length statistics."""
+    system_prompt: str | None = None
+    """System prompt replacing the template's for the length statistics; null keeps the template's."""
+    num_image_tokens: int = 576
+    """Tokens per image for the length statistics."""
+    max_length: int = 2048
+    """Model max length for the length statistics (longer samples are counted as skipped)."""
+    source: str | None = None
+    """Source name recorded in every sample; null = the JSON file's stem."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels are skipped (`image_too_large`) before they are decoded."""
+    num_threads: int = 4
+    """Threads reading and verifying images."""
+    pre_resize: int | None = None
+    """Store images already resized to this many pixels square (the vision tower's input size) in
+    `image_aspect` mode, as PNG; training with another size or aspect refuses the shards. null = as read."""
+    image_aspect: str = "pad"
+    """Aspect mode for `pre_resize`: pad, crop or resize."""
+    allow_outside_image_folder: bool = False
+    """Read image paths that are absolute or resolve outside `image_folder` (through '..' or a symlink); without
+    it such records are skipped as image_outside_folder."""
 
 
-def main(argv: list[str] | None = None) -> Manifest:
+@hydra_app("convert", schemas={"": ConvertConfig})
+def main(cfg: DictConfig) -> Manifest:
     """CLI entry point: convert, then print the manifest summary and the skip report.
 
-    Input or output the converter refuses (`ConvertError`) ends the program with its message and status 1.
+    `cfg` holds the keys of `ConvertConfig` (type-checked against it). Input or output the converter refuses
+    (`ConvertError`) ends the program with its message and status 1.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args: ConvertConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ConvertConfig), cfg))  # type: ignore[assignment]
     tokenizer = None
     if args.tokenizer:
         from llava_lit.tokenization import load_tokenizer

@@ -968,7 +968,7 @@ def _load_source(
             raise ValueError(
                 f"{folder}: images are stored pre-resized to {stored.get('height')}x{stored.get('width')} in "
                 f"{stored.get('aspect')!r} aspect mode, but this run preprocesses to {geometry[0]}x{geometry[1]} "
-                f"in {geometry[2]!r} mode; re-convert the source (without --pre-resize, or with this size and "
+                f"in {geometry[2]!r} mode; re-convert the source (without pre_resize, or with this size and "
                 "aspect)"
             )
     for shard in find_damaged_shards(folder, manifest):

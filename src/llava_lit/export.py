@@ -5,8 +5,8 @@
         out=exported/llava_v15_7b dtype=bfloat16 metrics=results/metrics.json
 
 The checkpoint may be a Lightning `.ckpt` file or an FSDP2 distributed-checkpoint directory; the model, tokenizer,
-chat template and image handling are rebuilt from the run config stored in it. Settings are `key=value` pairs
-(OmegaConf dotlist) over `ExportConfig`. After writing, the folder is loaded back with transformers and its logits
+chat template and image handling are rebuilt from the run config stored in it. Settings are `key=value` overrides
+of `conf/export.yaml` (Hydra; `--help` lists them with their docs, the fields of `ExportConfig`). After writing, the folder is loaded back with transformers and its logits
 compared with ours (`verify=false` skips this for models too large to hold twice in memory).
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from llava_lit.atomic_files import atomic_directory
+from llava_lit.hydra_app import hydra_app
 from llava_lit.inference.loading import load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.interop.model_card import ModelCardInfo
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExportConfig:
-    """Settings of `python -m llava_lit.export`."""
+    """Settings of `python -m llava_lit.export` (the keys of `conf/export.yaml`)."""
 
     checkpoint: str
     """Lightning checkpoint file (`*.ckpt`) or FSDP2 distributed-checkpoint directory written by training."""
@@ -102,12 +102,12 @@ def check_replaceable_export(out: Path) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """CLI entry point: `key=value` arguments over `ExportConfig`."""
+@hydra_app("export", schemas={"": ExportConfig})
+def main(cfg: DictConfig) -> Path:
+    """CLI entry point: `cfg` holds the keys of `ExportConfig` (type-checked against it); returns the folder."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    schema = OmegaConf.structured(ExportConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
-    out = run_export(OmegaConf.to_object(cfg))
+    settings: ExportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), cfg))  # type: ignore[assignment]
+    out = run_export(settings)
     print(f"exported to {out}")
     return out
 

@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llava_lit.hydra_app import hydra_app
 from llava_lit.openai_client import ChatClientConfig
 from llava_lit.teacher.annotations import ImageAnnotation, load_coco_annotations, load_jsonl_annotations
 from llava_lit.teacher.pipeline import TeacherConfig, generate
@@ -82,7 +82,7 @@ def run(cfg: GenerateConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
+@hydra_app("generate", schemas={"": GenerateConfig})
 def main(raw: DictConfig) -> None:
     cfg: GenerateConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), raw))
     summary = run(cfg)

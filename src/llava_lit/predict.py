@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -34,11 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from llava_lit.constants import IMAGE_TOKEN
-from llava_lit.eval.jsonl import Question, read_questions
+from llava_lit.hydra_app import hydra_app
 from llava_lit.images import ImageDecodeError, ImageLoader
 from llava_lit.inference import Generator, InferenceBundle, SamplingParams, load_for_inference
 from llava_lit.inference.loading import bundle_from_model
 from llava_lit.load_settings import LoadSettings
+from llava_lit.qa_files import Question, read_questions
 from llava_lit.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def generate_answers(
     return answers
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@hydra_app("predict", schemas={"": PredictConfig})
 def main(cfg: DictConfig) -> None:
     settings = PredictConfig(**OmegaConf.to_container(cfg, resolve=True))
     path = run(settings)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import hydra
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -36,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field
 
 from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.hydra_app import hydra_app
 from llava_lit.images import ImageDecodeError
 from llava_lit.inference import (
     Completion,
@@ -442,7 +442,7 @@ def run(cfg: ServeConfig) -> None:
     uvicorn.run(create_app(bundle, cfg), host=cfg.host, port=cfg.port, log_level="info")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
+@hydra_app("serve", schemas={"": ServeConfig})
 def main(cfg: DictConfig) -> None:
     run(ServeConfig(**OmegaConf.to_container(cfg, resolve=True)))
 

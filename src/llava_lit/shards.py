@@ -143,7 +143,7 @@ class Manifest:
     """Token-length statistics, when the converter was given a tokenizer."""
     pre_resized: dict[str, Any] | None = None
     """`{"height", "width", "aspect"}` when the images are stored already resized for a vision tower of that
-    output size in that aspect mode (lossless PNG, `convert --pre-resize`); None for the original files. Such
+    output size in that aspect mode (lossless PNG, `convert pre_resize=SIZE`); None for the original files. Such
     shards only serve a data module with the same output size and aspect."""
     version: int = MANIFEST_VERSION
     """Format version."""

@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -27,6 +26,8 @@ from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.checkpointing import resume_path
 from llava_lit.cpu_bf16 import cpu_precision, has_native_bf16
 from llava_lit.framework_noise import silence_framework_noise
+from llava_lit.hydra_app import hydra_app
+from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.module import LlavaLitModule
 from llava_lit.packing import check_packing_attention
 from llava_lit.preemption import preempted
@@ -290,7 +291,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra_app("train", schemas={"model": LlavaModelConfig, "module.sharding": ShardingConfig})
 def main(cfg: DictConfig) -> None:
     metrics = train(cfg)
     log.info("final metrics: %s", json.dumps(metrics, indent=2, sort_keys=True))

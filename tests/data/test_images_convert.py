@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from llava_lit.convert import convert, main
+from llava_lit.hydra_app import compose_config
 from llava_lit.images import ImageDecodeError, ImageLoader, decode_image, expand_to_square, mean_fill_color
 from llava_lit.shards import iter_raw_samples, parse_sample, read_manifest
 
@@ -132,24 +133,16 @@ def test_convert_writes_shards_manifest_and_reports_broken_entries(llava_dataset
 
 
 def test_convert_cli(llava_dataset, llama_tokenizer_dir, tmp_path, capsys):
-    manifest = main(
-        [
-            "--json",
-            str(llava_dataset["json"]),
-            "--image-folder",
-            str(llava_dataset["images"]),
-            "--out",
-            str(tmp_path),
-            "--shard-size",
-            "20",
-            "--tokenizer",
-            str(llama_tokenizer_dir),
-            "--template",
-            "plain",
-            "--num-image-tokens",
-            "4",
-        ]
-    )
+    overrides = [
+        f"json={llava_dataset['json']}",
+        f"image_folder={llava_dataset['images']}",
+        f"out={tmp_path}",
+        "shard_size=20",
+        f"tokenizer={llama_tokenizer_dir}",
+        "template=plain",
+        "num_image_tokens=4",
+    ]
+    manifest = main(compose_config("convert", overrides))
     out = capsys.readouterr().out
     assert f"{llava_dataset['num_valid']} samples" in out and "image_missing" in out
     assert len(manifest.shards) == 2

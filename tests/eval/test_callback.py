@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from llava_lit.eval.callback import SampleAnswersCallback
-from llava_lit.eval.jsonl import Question
 from llava_lit.eval.scienceqa import ScienceQABenchmark
+from llava_lit.qa_files import Question
 
 
 class TinyLM(pl.LightningModule):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llava_lit.eval.__main__ import benchmark_shorthand, evaluate
-from llava_lit.eval.jsonl import read_questions
 from llava_lit.eval.scienceqa import ScienceQABenchmark, build_prompt, parse_answer
+from llava_lit.qa_files import read_questions
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 
 from chat_completions_server import ChatCompletionsServer, Fault, user_text
-from llava_lit.eval.jsonl import read_answers, read_questions
 from llava_lit.eval.llava_bench import (
     judge_reviews,
     parse_scores,
@@ -19,6 +18,7 @@ from llava_lit.eval.llava_bench import (
     write_reviews,
 )
 from llava_lit.openai_client import ChatClientConfig
+from llava_lit.qa_files import read_answers, read_questions
 
 
 @pytest.mark.parametrize(

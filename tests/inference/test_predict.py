@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_lit.eval.jsonl import read_answers, read_questions
 from llava_lit.predict import generate_answers, predict
+from llava_lit.qa_files import read_answers, read_questions
 
 ANSWER_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 

@@ -11,6 +11,7 @@ from transformers import LlavaForConditionalGeneration
 
 from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.export import main
+from llava_lit.hydra_app import compose_config
 
 
 @pytest.mark.parametrize("layout", ["file", "distributed"])
@@ -28,7 +29,8 @@ def test_export_from_training_checkpoint(
         dcp.save({"state_dict": state}, checkpoint_id=str(checkpoint))
         torch.save(meta, checkpoint / "meta.pt")
 
-    out = main([f"checkpoint={checkpoint}", f"out={tmp_path / 'hf'}"])  # verifies logits against ours
+    # verifies logits against ours
+    out = main(compose_config("export", [f"checkpoint={checkpoint}", f"out={tmp_path / 'hf'}"]))
     hf = LlavaForConditionalGeneration.from_pretrained(str(out))
     assert torch.equal(hf.model.multi_modal_projector.linear_1.weight, model.projector[0].weight)
     card = (out / "README.md").read_text()

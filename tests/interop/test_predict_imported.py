@@ -20,6 +20,7 @@ import torch
 
 from inference_helpers import write_official
 from llava_lit.export import main as export_main
+from llava_lit.hydra_app import compose_config
 from llava_lit.inference import load_for_inference
 from llava_lit.predict import predict
 
@@ -78,7 +79,9 @@ def _answers(path: Path) -> dict[str, str]:
 def test_exported_folder_predicts_like_its_checkpoint(
     trained_checkpoint: Path, questions: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    exported = export_main([f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'hf'}"])
+    exported = export_main(
+        compose_config("export", [f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'hf'}"])
+    )
     bundle = load_for_inference(exported)
     assert bundle.template.name == "vicuna_v1" and bundle.image_loader.aspect == "pad"
     assert bundle.model_id == "hf"
@@ -152,7 +155,11 @@ def test_official_folder_defaults_to_vicuna_and_says_so(
 def test_predict_command_line_with_exported_folder(
     trained_checkpoint: Path, questions: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    exported = export_main([f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'hf'}", "verify=false"])
+    exported = export_main(
+        compose_config(
+            "export", [f"checkpoint={trained_checkpoint}", f"out={tmp_path / 'hf'}", "verify=false"]
+        )
+    )
     question_file, images = questions
     answers = tmp_path / "cli.jsonl"
     env = {

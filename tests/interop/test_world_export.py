@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava_lit.export import main as export_main
+from llava_lit.hydra_app import compose_config
 from llava_lit.predict import predict
 
 N_QUESTIONS = 20
@@ -74,7 +75,9 @@ def test_world_model_answers_alike_through_transformers(
 ) -> None:
     monkeypatch.setenv("LLAVA_LIT_CACHE", str(tmp_path / "cache"))  # configs of the imported export
     world = trained_world["world"]
-    exported = export_main([f"checkpoint={trained_world['finetune']}", f"out={tmp_path / 'hf'}"])
+    exported = export_main(
+        compose_config("export", [f"checkpoint={trained_world['finetune']}", f"out={tmp_path / 'hf'}"])
+    )
 
     questions_file = tmp_path / "questions.jsonl"
     questions = held_out_subset(world / "eval" / "questions.jsonl", N_QUESTIONS, questions_file)

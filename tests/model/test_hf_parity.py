@@ -10,10 +10,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
+from llava_lit.hydra_app import config_dir
 from llava_lit.model import LlavaModel
 from llava_lit.model.hf_interop import to_hf_llava_state_dict
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 
 
 def hf_copy(model: LlavaModel) -> LlavaForConditionalGeneration:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from llava_lit.hydra_app import config_dir
 from llava_lit.model import LlavaModel, build_llava
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 
 
 def count(module: torch.nn.Module) -> int:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from llava_lit.convert import convert, main
 from llava_lit.datamodule import DataLossError, LlavaDataModule
+from llava_lit.hydra_app import compose_config
 from llava_lit.shards import MANIFEST_NAME, ShardWriter, iter_raw_samples, parse_sample, read_manifest
 from llava_lit.train import train
 
@@ -41,19 +42,9 @@ def leftovers(out: Path) -> list[str]:
 
 
 def cli(json_path: Path, images: Path, out: Path, *extra: str) -> None:
-    main(
-        [
-            "--json",
-            str(json_path),
-            "--image-folder",
-            str(images),
-            "--out",
-            str(out),
-            "--shard-size",
-            "10",
-            *extra,
-        ]
-    )
+    """`python -m llava_lit.convert json=... image_folder=... out=... shard_size=10 EXTRA...`, in this process."""
+    overrides = [f"json={json_path}", f"image_folder={images}", f"out={out}", "shard_size=10", *extra]
+    main(compose_config("convert", overrides))
 
 
 # --- the converter -----------------------------------------------------------------------------------------
@@ -224,7 +215,7 @@ def test_image_paths_must_stay_inside_the_image_folder(tmp_path):
     }
     assert written == {"inside", "dotdot_inside", "alias"}
 
-    cli(path, images, tmp_path / "allowed", "--allow-outside-image-folder")
+    cli(path, images, tmp_path / "allowed", "allow_outside_image_folder=true")
     allowed = read_manifest(tmp_path / "allowed")
     assert allowed.num_samples == 7 and not allowed.skipped
 

@@ -148,7 +148,7 @@ def test_a_hub_id_is_read_as_data_too(tiny_backbones, tmp_path, monkeypatch):
 
 def test_the_evaluation_front_end_refuses_it(tiny_backbones, weights, tmp_path):
     from llava_lit.eval.__main__ import evaluate
-    from llava_lit.eval.jsonl import Question
+    from llava_lit.qa_files import Question
 
     class OneQuestion:
         """The smallest benchmark: one text question (the checkpoint is loaded before anything is asked)."""

@@ -12,7 +12,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from llava_lit.hydra_app import config_dir
+
+CONF_DIR = str(config_dir())
 
 
 def _compose(*overrides: str):

@@ -17,9 +17,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf, open_dict
 
+from llava_lit.hydra_app import config_dir
 from llava_lit.train import fit_micro_batch, run_accumulation, world_size
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 HF_CONFIGS = CONF / "hf_configs"
 GROUPS = ["model", "data", "trainer", "logger", "callbacks", "stage", "launcher"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

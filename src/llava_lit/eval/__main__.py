@@ -19,9 +19,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from llava_lit.eval.jsonl import read_answers, write_questions
 from llava_lit.eval.report import Metrics, print_table, write_metrics
+from llava_lit.hydra_app import hydra_app
 from llava_lit.load_settings import LoadSettings
+from llava_lit.qa_files import read_answers, write_questions
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def evaluate(
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../../../conf", config_name="eval")
+@hydra_app("eval")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; see `conf/eval.yaml`."""
     benchmark = hydra.utils.instantiate(cfg.benchmark)

@@ -18,8 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 from PIL import Image
 
-from llava_lit.eval.jsonl import Question
 from llava_lit.eval.report import flatten
+from llava_lit.qa_files import Question
 
 log = logging.getLogger(__name__)
 

@@ -247,7 +247,7 @@ def judge_reviews(
 ) -> list[Review]:
     """Judge every question: one `Review` each, in question order.
 
-    `questions`: `llava_lit.eval.jsonl.Question`s or dicts with `question_id`, `image`, `text`, `category`.
+    `questions`: `llava_lit.qa_files.Question`s or dicts with `question_id`, `image`, `text`, `category`.
     `answers` / `references`: `{question_id: text}` for the candidate and the reference (as
     `jsonl.read_answers` returns). `contexts`: `{image: text}` (see `read_contexts`). `rules`: official
     `rule.json` content, or None for `DEFAULT_RULES`; the rule for a category is `rule_prefix + category`,

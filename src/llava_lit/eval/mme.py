@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_lit.eval.jsonl import Question
+from llava_lit.qa_files import Question
 
 log = logging.getLogger(__name__)
 

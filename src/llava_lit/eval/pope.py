@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_lit.eval.jsonl import Question
+from llava_lit.qa_files import Question
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from llava_lit.eval.jsonl import Question
+from llava_lit.qa_files import Question
 
 log = logging.getLogger(__name__)
 

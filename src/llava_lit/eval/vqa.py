@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-from llava_lit.eval.jsonl import Question
+from llava_lit.qa_files import Question
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava_lit.eval.jsonl import Question, read_questions
 from llava_lit.eval.report import Metrics
+from llava_lit.qa_files import Question, read_questions
 
 
 @dataclass

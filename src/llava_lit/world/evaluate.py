@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -36,14 +35,13 @@ from omegaconf import DictConfig, open_dict
 from llava_lit.eval.__main__ import evaluate
 from llava_lit.eval.report import Metrics
 from llava_lit.eval.world import WorldBenchmark
+from llava_lit.hydra_app import compose_config
 from llava_lit.world.build import load_world_info
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import blank_image
 from llava_lit.world.score import accuracy_by_object_count, load_jsonl
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def blank_image_folder(benchmark: WorldBenchmark, world: WorldConfig, folder: Path) -> Path:
@@ -118,8 +116,7 @@ def object_count_table(answers_file: Path, benchmark: WorldBenchmark, world_dir:
 def compose_train(overrides: list[str]) -> DictConfig:
     """`conf/train.yaml` with `overrides`, resolved as a `python -m llava_lit.train` run would be."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config("train", overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(cfg.paths.output_root) / cfg.run_name / cfg.stage.name)

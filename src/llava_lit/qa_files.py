@@ -1,5 +1,8 @@
 """The official LLaVA question and answer JSONL files, read and written in one place.
 
+The format belongs to prediction (`llava_lit.predict` reads question files and writes answer files); the
+benchmarks of `llava_lit.eval` import it from here to write their question files and score answer files.
+
 Every benchmark goes through the same two files: a question file (`question_id`, `image`, `text`, `category`)
 that batched prediction reads, and an answer file (`question_id`, `prompt`, `text`, `answer_id`, `model_id`,
 `metadata`) that it writes. Scorers only ever see `{question_id: answer text}`, so an answer file produced by the
