@@ -13,6 +13,7 @@ import json
 import logging
 import netrc
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llava_lit.checkpointing import resume_path
+from llava_lit.lora import (
+    LoraSettings,
+    add_adapters,
+    quantization_arguments,
+    training_device,
+)
+from llava_lit.lora import check_supported as check_lora_supported
 from llava_lit.module import LlavaLitModule
 from llava_lit.packing import check_packing_attention
 from llava_lit.preemption import preempted
@@ -118,6 +126,10 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     (read as checked data, never instantiated) replace `cfg.model`, so checkpoints of this run record what was
     actually trained.
     """
+    lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+    strategy = cfg.trainer.get("strategy")
+    sharded = isinstance(strategy, Mapping) and "ModelParallel" in str(strategy.get("_target_", ""))
+    check_lora_supported(lora_settings, stage=cfg.stage.name, sharded=sharded, init_from=cfg.get("init_from"))
     pretrained = None
     if cfg.get("init_from"):
         from llava_lit.interop.pretrained import load_pretrained_llava
@@ -145,7 +157,12 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         model = pretrained.config.build(tokenizer)
         pretrained.load_into(model)
     else:
-        model = instantiate(cfg.model, tokenizer=tokenizer)
+        model = instantiate(
+            cfg.model,
+            tokenizer=tokenizer,
+            quantization=quantization_arguments(lora_settings),
+            quantized_device=training_device(cfg.trainer),
+        )
     if cfg.init_projector and not cfg.ckpt_path:
         path = Path(cfg.init_projector)
         if not path.is_file():
@@ -155,6 +172,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
                 "mm_projector.bin), or pass init_projector=null to start from a fresh projector."
             )
         load_projector(model.projector, path)
+    if lora_settings.enabled:  # after the starting weights: the adapters start at zero over them
+        add_adapters(model, lora_settings)
     if cfg.data.get("packing"):  # refused here, before any data is read, rather than at the first step
         check_packing_attention(model.language_model.config._attn_implementation)
     tower = model.vision_tower
@@ -171,6 +190,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         instantiate(cfg.optimizer),
         weight_decay=module_cfg["weight_decay"],
         projector_lr=module_cfg["projector_lr"],
+        vision_tower_lr=module_cfg.get("vision_tower_lr"),
+        lora=lora_settings,
         warmup_ratio=module_cfg["warmup_ratio"],
         min_lr_ratio=module_cfg["min_lr_ratio"],
         sharding=ShardingConfig(**module_cfg["sharding"]),
@@ -184,7 +205,10 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers."""
-    callbacks: list[L.Callback] = [StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower)]
+    lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+    callbacks: list[L.Callback] = [
+        StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower, lora=lora_settings)
+    ]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return instantiate(

@@ -42,6 +42,7 @@ from llava_lit.conversation import TEMPLATES, ChatTemplate, get_template
 from llava_lit.images import ASPECT_MODES, ImageLoader
 from llava_lit.inference.generation import Generator
 from llava_lit.inference.prompts import Prompt, build_prompt
+from llava_lit.lora_loading import build_lora_model, is_lora_run
 from llava_lit.model import LlavaModel, LlavaModelConfig
 from llava_lit.model.dtypes import parse_dtype
 from llava_lit.tokenization import load_tokenizer
@@ -190,8 +191,11 @@ def _build_trained(
         run_config = _run_config(checkpoint, path)
         if "state_dict" not in checkpoint:
             raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
-        model, tokenizer = _build(run_config)
-        _load_weights(model, checkpoint.pop("state_dict"), path)
+        if is_lora_run(run_config):  # adapters (+ projector) over a rebuilt base, merged: `lora_loading`
+            model, tokenizer = build_lora_model(run_config, checkpoint.pop("state_dict"), source=str(path))
+        else:
+            model, tokenizer = _build(run_config)
+            _load_weights(model, checkpoint.pop("state_dict"), path)
     else:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     recorded = run_config["data"]["template"]

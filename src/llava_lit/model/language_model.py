@@ -51,11 +51,17 @@ def load_config(cfg: LanguageModelConfig) -> PretrainedConfig:
 
 
 def build_language_model(
-    cfg: LanguageModelConfig | dict[str, Any], *, on_meta: bool = False
+    cfg: LanguageModelConfig | dict[str, Any],
+    *,
+    on_meta: bool = False,
+    quantization: dict[str, Any] | None = None,
+    quantized_device: str = "cpu",
 ) -> PreTrainedModel:
     """Build (and load, unless `on_meta` or not `pretrained`) the causal LM described by `cfg`.
 
     With `on_meta` the caller has entered `torch.device("meta")`: only the architecture is built.
+    `quantization` (the arguments of transformers' `BitsAndBytesConfig`, from `lora.quantization_arguments`) loads
+    the pretrained weights quantized onto `quantized_device`, where bitsandbytes quantizes them.
     """
     if isinstance(cfg, dict):
         cfg = LanguageModelConfig(**cfg)
@@ -64,6 +70,22 @@ def build_language_model(
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if on_meta or not cfg.pretrained:
+            raise ValueError(
+                "a quantized language model is loaded from pretrained weights: set language_model.pretrained=true "
+                "and build off the meta device"
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            config=config,
+            dtype=dtype if dtype is not None else "auto",
+            quantization_config=BitsAndBytesConfig(**quantization),
+            device_map={"": quantized_device},
+            **kwargs,
+        )
     if cfg.pretrained and not on_meta:
         return AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, dtype=dtype if dtype is not None else "auto", **kwargs

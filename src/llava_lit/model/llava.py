@@ -303,6 +303,8 @@ def build_llava(
     device: str | torch.device | None = None,
     tokenizer_name_or_path: str | None = None,
     tokenizer_legacy: bool | None = None,
+    quantization: dict[str, Any] | None = None,
+    quantized_device: str = "cpu",
 ) -> LlavaModel:
     """Build a `LlavaModel` (the Hydra target of `conf/model/*.yaml`).
 
@@ -310,7 +312,8 @@ def build_llava(
     `config_path` / the checkpoints' `config.json`), for parameter counting and deferred FSDP init. Any other
     device loads on the CPU and then moves there. `tokenizer_name_or_path` and `tokenizer_legacy` are read by the
     caller that loads the tokenizer; they are accepted here only so the model config node can be instantiated
-    as is.
+    as is. `quantization` and `quantized_device` load the language model quantized (QLoRA,
+    `lora.quantization_arguments`); `device` then places the rest.
     """
     del tokenizer_name_or_path, tokenizer_legacy  # consumed by the tokenizer loader, see docstring
     if isinstance(vision_tower, dict):
@@ -321,7 +324,12 @@ def build_llava(
     on_meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if on_meta else nullcontext():
         tower = build_vision_tower(vision_tower, on_meta=on_meta)
-        lm = build_language_model(language_model, on_meta=on_meta)
+        lm = build_language_model(
+            language_model,
+            on_meta=on_meta,
+            quantization=quantization,
+            quantized_device=quantized_device,
+        )
         resize_embeddings_for_tokenizer(lm, len(tokenizer), language_model.pad_vocab_to_multiple_of)
         proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
     model = LlavaModel(tower, proj, lm, image_token_id)
