@@ -27,7 +27,6 @@ from llava_lit.lora import LoraSettings, trainable_state_dict
 from llava_lit.loss import fused_next_token_loss, next_token_pairs
 from llava_lit.sharding import ShardingConfig, shard_llava
 
-
 RNG_STATE_KEY = "llava_lit_rng_state"
 """Checkpoint entry of a LoRA run holding the torch generators' states (for the adapters' dropout)."""
 

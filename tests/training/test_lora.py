@@ -3,11 +3,13 @@ exact resume, loading for inference, and the refused combinations."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from llava_lit.export import ExportConfig, run_export
 from llava_lit.inference.loading import load_for_inference
 from llava_lit.lora import ADAPTER_MARKER
 from llava_lit.train import build_components, build_trainer
@@ -35,7 +37,7 @@ def _batch(module, tokenizer_len: int = 32000) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_lora_trains_adapters_and_projector_only_and_checkpoints_them(compose_train):
+def test_lora_trains_adapters_and_projector_only_and_checkpoints_them(compose_train, tmp_path):
     cfg = compose_train(*LORA, "trainer.max_steps=2", "trainer.limit_val_batches=1", stage="finetune")
     module, datamodule = build_components(cfg)
     base = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
@@ -62,6 +64,39 @@ def test_lora_trains_adapters_and_projector_only_and_checkpoints_them(compose_tr
     with torch.no_grad():
         got = bundle.model(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    _check_exports(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", module, batch, tmp_path)
+
+
+def _check_exports(checkpoint: Path, module, batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """The merged export is a transformers LLaVA with the trained model's logits; the peft export is the adapter
+    that, over the base LLM, gives the trained LLM's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    run_export(ExportConfig(checkpoint=str(checkpoint), out=str(tmp_path / "merged")))
+    hf = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+        ours = module.model(**batch).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+    out = run_export(
+        ExportConfig(checkpoint=str(checkpoint), out=str(tmp_path / "adapter"), lora_format="peft")
+    )
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "projector.safetensors",
+    }
+    config = json.loads((out / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    base.resize_token_embeddings(module.model.language_model.get_input_embeddings().weight.shape[0])
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = batch["input_ids"].clamp(max=999)  # text only: the LLM alone
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits
+        ours = module.model.language_model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

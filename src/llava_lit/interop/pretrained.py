@@ -4,6 +4,7 @@
 - an official LLaVA checkpoint folder (`liuhaotian/llava-v1.5-7b` style: `model_type: llava_llama`, keys
   `model.mm_projector.*`, LLaMA keys under `model.*`, with or without `model.vision_tower.vision_tower.*`),
 - an official stage-1 folder (`config.json` + `mm_projector.bin`, no LLM weights),
+- an official LoRA folder (`llava-v1.5-7b-lora` layout: adapter + `non_lora_trainables.bin`), merged into its base,
 - a transformers LLaVA folder (`llava-hf/*`, `model_type: llava`, current or pre-4.52 key layout),
 - one of our training checkpoints (Lightning `.ckpt` file or FSDP2 directory),
 - or a hub id of the first three (resolved through the local Hugging Face cache / hub).
@@ -50,7 +51,7 @@ class PretrainedLlava:
     """Key prefixes (`vision_tower.`, `language_model.`) whose weights come from the pretrained backbones named in
     `config` instead of `state_dict`; empty when `state_dict` holds the whole model."""
     kind: str
-    """`official`, `official_projector`, `hf`, or `llava_lit`."""
+    """`official`, `official_projector`, `official_lora`, `hf`, or `llava_lit`."""
     source: str
     """What was asked for."""
     template: str | None = None
@@ -170,6 +171,10 @@ def load_pretrained_llava(source: str | Path, *, workdir: str | Path | None = No
             f"{path} has no config.json: not an official LLaVA, llava-hf or llava_lit checkpoint"
         )
     config = read_config_json(config_path)
+    from llava_lit.interop.import_lora import import_official_lora, is_official_lora
+
+    if is_official_lora(path):  # official LoRA: adapter + non_lora_trainables.bin over a base LLM
+        return import_official_lora(path, work, source=source)
     if config.get("model_type") == "llava":
         return import_hf.import_hf(path, work, source=source)
     if "mm_vision_tower" in config or str(config.get("model_type", "")).startswith("llava_"):
