@@ -13,7 +13,11 @@ loader that turns the result into a model, holding the weights once.
 - our exported folder (`python -m llava_lit.export`) and a llava-hf folder: transformers LLaVA (`model_type:
   llava`); an export is told apart by its model card's `llava_lit` tag.
 - an official LLaVA folder (`model_type: llava_*` with `mm_vision_tower`), or its stage-1 projector
-  (`mm_projector.bin` with the run's `config.json` beside it).
+  (`mm_projector.bin` with the run's `config.json` beside it), or its LoRA folder (`llava-v1.5-7b-lora` layout:
+  peft adapter + `non_lora_trainables.bin`), merged into its base LLM (`interop.import_lora`).
+
+A LoRA run's own checkpoint holds only what trained (adapters, projector): its base is rebuilt from the run config
+(or from its `init_from`, read here too) and the adapters are merged into it (`lora_loading`).
 - a hub id (`owner/name`, not a local path) of the folder kinds, resolved through the Hugging Face cache / hub.
 
 What a file says is data: a stored run config is checked field by field (`LlavaModelConfig.from_data`,
@@ -36,7 +40,9 @@ from llava_lit.cache import cache_dir
 from llava_lit.conversation import TEMPLATES
 from llava_lit.images import ASPECT_MODES
 from llava_lit.interop import import_hf, import_official
+from llava_lit.interop.import_lora import import_official_lora, is_official_lora
 from llava_lit.interop.pretrained import PretrainedLlava, read_config_json
+from llava_lit.lora_loading import build_lora_model, is_lora_run
 from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.untrusted import ConfigRefused, check_plain_data
 
@@ -70,6 +76,7 @@ class CheckpointKind(enum.Enum):
     HF_FOLDER = "transformers LLaVA folder (llava-hf, config.json model_type 'llava')"
     OFFICIAL_FOLDER = "official LLaVA folder (config.json model_type 'llava_*' with mm_vision_tower)"
     OFFICIAL_PROJECTOR = "official stage-1 projector (mm_projector.bin beside its run's config.json)"
+    OFFICIAL_LORA = "official LoRA folder (adapter_config.json + non_lora_trainables.bin + config.json)"
     HUB_ID = "hub id 'owner/name' of one of the folder kinds"
 
 
@@ -121,6 +128,8 @@ def classify_checkpoint(path: str | Path) -> CheckpointKind:
         if not (local / DCP_META_FILE).is_file():
             raise _refuse(local, f"a distributed checkpoint directory without {DCP_META_FILE}")
         return CheckpointKind.DISTRIBUTED_DIR
+    if is_official_lora(local):
+        return CheckpointKind.OFFICIAL_LORA
     config_path = local / "config.json"
     if not config_path.is_file():
         raise _refuse(
@@ -189,6 +198,8 @@ def read_checkpoint(source: str | Path, *, workdir: str | Path | None = None) ->
         return _read_distributed_dir(path, source)
     if kind in (CheckpointKind.EXPORTED_FOLDER, CheckpointKind.HF_FOLDER):
         return import_hf.import_hf(path, work, source=source)
+    if kind is CheckpointKind.OFFICIAL_LORA:
+        return import_official_lora(path, work, source=source)
     if kind is CheckpointKind.OFFICIAL_PROJECTOR and path.is_file():
         return import_official.import_official(path.parent, work, source=source, projector_file=path)
     return import_official.import_official(path, work, source=source)
@@ -200,8 +211,21 @@ def _read_lightning_file(path: Path, source: str) -> PretrainedLlava:
     run_config = checked_run_config(checkpoint, path)
     if "state_dict" not in checkpoint:
         raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    if is_lora_run(run_config):
+        return _trained_lora(run_config, checkpoint.pop("state_dict"), source)
     state = _strip_module_prefix(checkpoint.pop("state_dict"), path)
     return _trained(run_config, state, source)
+
+
+def _trained_lora(
+    run_config: dict[str, Any], state: Mapping[str, torch.Tensor], source: str
+) -> PretrainedLlava:
+    """A LoRA run's checkpoint: its base (the run's `init_from`, else its model config) with the adapters merged,
+    as a `PretrainedLlava` whose state dict is the merged model's tensors."""
+    init_from = run_config.get("init_from")
+    base = read_checkpoint(init_from).build() if init_from else None
+    model, _ = build_lora_model(run_config, state, source=source, base=base)
+    return _trained(run_config, dict(model.state_dict()), source)
 
 
 def _read_distributed_dir(path: Path, source: str) -> PretrainedLlava:

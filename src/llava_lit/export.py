@@ -3,11 +3,17 @@
     python -m llava_lit.export checkpoint=outputs/world/finetune/checkpoints/last.ckpt out=exported/world
     python -m llava_lit.export checkpoint=outputs/llava_v15_7b/finetune/checkpoints/last.ckpt \\
         out=exported/llava_v15_7b dtype=bfloat16 metrics=results/metrics.json
+    python -m llava_lit.export checkpoint=outputs/llava_v15_7b_lora/finetune/checkpoints/last.ckpt \\
+        out=exported/llava_v15_7b_lora_adapter lora_format=peft
 
 The checkpoint may be a Lightning `.ckpt` file or an FSDP2 distributed-checkpoint directory; the model, tokenizer,
 chat template and image handling are rebuilt from the run config stored in it. Settings are `key=value` overrides
 of `conf/export.yaml` (Hydra; `--help` lists them with their docs, the fields of `ExportConfig`). After writing, the folder is loaded back with transformers and its logits
 compared with ours (`verify=false` skips this for models too large to hold twice in memory).
+
+A LoRA/QLoRA checkpoint is exported merged (the adapters folded into the base: the same transformers LLaVA folder as
+a full finetune), or with `lora_format=peft` as the adapter alone in peft's format (`adapter_config.json`,
+`adapter_model.safetensors`, naming its base LLM) beside `projector.safetensors`.
 """
 
 from __future__ import annotations
@@ -17,13 +23,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llava_lit.atomic_files import atomic_directory
+from llava_lit.checkpoint_reader import (
+    CheckpointKind,
+    checked_run_config,
+    classify_checkpoint,
+    read_checkpoint,
+)
 from llava_lit.hydra_app import hydra_app
 from llava_lit.inference.loading import load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.interop.model_card import ModelCardInfo
+from llava_lit.lora_loading import build_lora_model, is_lora_run, write_peft_adapter
 from llava_lit.model.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -45,6 +59,9 @@ class ExportConfig:
     """Largest safetensors shard."""
     verify: bool = True
     """Load the export with transformers and assert it gives our logits."""
+    lora_format: str = "merged"
+    """For a LoRA checkpoint: `merged` (a transformers LLaVA folder, adapters folded in) or `peft` (the adapter in
+    peft's format plus `projector.safetensors`, to load over the base LLM)."""
 
 
 def run_export(cfg: ExportConfig) -> Path:
@@ -55,6 +72,10 @@ def run_export(cfg: ExportConfig) -> Path:
     existing `cfg.out` must be empty or a previous export (a LLaVA `config.json`), never another folder.
     """
     out = Path(cfg.out)
+    if cfg.lora_format not in ("merged", "peft"):
+        raise SystemExit(f"lora_format={cfg.lora_format!r}: expected merged or peft")
+    if cfg.lora_format == "peft":
+        return export_peft_adapter(Path(cfg.checkpoint), out)
     check_replaceable_export(out)
     bundle = load_for_inference(cfg.checkpoint)
     data = bundle.run_config.get("data") or {}
@@ -79,6 +100,29 @@ def run_export(cfg: ExportConfig) -> Path:
             tol = 1e-4 if dtype is None else 2e-2
             diff = verify_export(bundle.model, staging, atol=tol, rtol=tol)
             log.info("verified: transformers logits match llava_lit's (max abs diff %.3g)", diff)
+    return out
+
+
+def export_peft_adapter(checkpoint: Path, out: Path) -> Path:
+    """Write a LoRA checkpoint's adapter in peft's format (and its projector) into a new or empty `out`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"out={out} exists and is not an empty folder")
+    if classify_checkpoint(checkpoint) is not CheckpointKind.LIGHTNING_FILE:
+        raise SystemExit(f"lora_format=peft: {checkpoint} is not a Lightning checkpoint file of a LoRA run")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    run_config = checked_run_config(state, checkpoint)
+    if not is_lora_run(run_config):
+        raise SystemExit(
+            f"lora_format=peft: {checkpoint} is not a LoRA checkpoint (its run config has no module.lora)"
+        )
+    init_from = run_config.get("init_from")
+    start = read_checkpoint(init_from).build() if init_from else None
+    model, _ = build_lora_model(
+        run_config, state["state_dict"], source=str(checkpoint), base=start, merge=False
+    )
+    base = run_config.get("init_from") or run_config["model"]["language_model"]["name_or_path"]
+    with atomic_directory(out) as staging:
+        write_peft_adapter(model, staging, base=str(base))
     return out
 
 

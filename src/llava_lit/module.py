@@ -23,8 +23,12 @@ from llava_lit.collate import supervised_tokens
 from llava_lit.constants import IGNORE_INDEX, STEP_TOKENS_KEY
 from llava_lit.csv_logger import CSVLogger
 from llava_lit.flops import StepFlops, peak_flops_for_device
+from llava_lit.lora import LoraSettings, trainable_state_dict
 from llava_lit.loss import fused_next_token_loss, next_token_pairs
 from llava_lit.sharding import ShardingConfig, shard_llava
+
+RNG_STATE_KEY = "llava_lit_rng_state"
+"""Checkpoint entry of a LoRA run holding the torch generators' states (for the adapters' dropout)."""
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -61,18 +65,26 @@ def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, min_lr_rati
 
 
 def parameter_groups(
-    named_parameters: Iterable[tuple[str, nn.Parameter]], *, weight_decay: float, projector_lr: float | None
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    *,
+    weight_decay: float,
+    projector_lr: float | None,
+    vision_tower_lr: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Split trainable parameters into decay/no-decay x projector/rest groups.
+    """Split trainable parameters into decay/no-decay x projector/(vision tower)/rest groups.
 
     Biases and norm weights (every parameter with fewer than two dimensions) get no weight decay, as in
-    LLaVA's trainer. The projector groups get `projector_lr` when it is set (LLaVA's `mm_projector_lr`).
+    LLaVA's trainer. The projector groups get `projector_lr` when it is set (LLaVA's `mm_projector_lr`); with
+    `vision_tower_lr` set, a trained vision tower gets groups of its own with that rate (`mm_vision_tower_lr`).
+    LoRA adapters (matrices) fall in the `model` decay group.
     """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
         part = "projector" if name.startswith("projector.") or ".projector." in name else "model"
+        if vision_tower_lr is not None and (name.startswith("vision_tower.") or ".vision_tower." in name):
+            part = "vision_tower"
         groups.setdefault((part, param.ndim >= 2), []).append(param)
     out = []
     for (part, decay), params in sorted(groups.items()):
@@ -83,6 +95,8 @@ def parameter_groups(
         }
         if part == "projector" and projector_lr is not None:
             group["lr"] = projector_lr
+        if part == "vision_tower":
+            group["lr"] = vision_tower_lr
         out.append(group)
     if not out:
         raise ValueError("No trainable parameters: check the stage's freezing rule")
@@ -111,6 +125,9 @@ class LlavaLitModule(L.LightningModule):
         optimizer: a partial optimizer constructor (Hydra `_partial_: true`) taking parameter groups.
         weight_decay: decay for matrices; biases and norms never decay.
         projector_lr: separate learning rate for the projector, or None to use the optimizer's.
+        vision_tower_lr: separate learning rate for a trained vision tower, or None to use the optimizer's.
+        lora: LoRA settings (`llava_lit.lora`); when enabled, checkpoints hold only the trained parameters (adapters,
+            projector, a trained tower) and load back into a model rebuilt with its frozen base.
         warmup_ratio: fraction of the optimizer steps spent in linear warmup.
         min_lr_ratio: final learning rate as a fraction of the peak at the end of the cosine.
         sharding: FSDP2 settings, used when the trainer's strategy provides a device mesh.
@@ -132,6 +149,8 @@ class LlavaLitModule(L.LightningModule):
         *,
         weight_decay: float = 0.0,
         projector_lr: float | None = None,
+        vision_tower_lr: float | None = None,
+        lora: LoraSettings | None = None,
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         sharding: ShardingConfig | None = None,
@@ -145,6 +164,10 @@ class LlavaLitModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.weight_decay = weight_decay
         self.projector_lr = projector_lr
+        self.vision_tower_lr = vision_tower_lr
+        self.lora = lora if lora is not None and lora.enabled else None
+        # A LoRA checkpoint holds the trained parameters only: the frozen base comes from the run config.
+        self.strict_loading = self.lora is None
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
         self.sharding = sharding or ShardingConfig()
@@ -158,6 +181,8 @@ class LlavaLitModule(L.LightningModule):
         self._peak_flops: float | None = None
         # Lightning calls configure_model again for each later fit/validate/predict: compile only once.
         self._blocks_compiled = False
+        # A LoRA checkpoint's generator states, set at the first training batch after its restore.
+        self._resumed_rng_state: dict[str, Any] | None = None
 
     # -- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -304,7 +329,10 @@ class LlavaLitModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = parameter_groups(
-            self.model.named_parameters(), weight_decay=self.weight_decay, projector_lr=self.projector_lr
+            self.model.named_parameters(),
+            weight_decay=self.weight_decay,
+            projector_lr=self.projector_lr,
+            vision_tower_lr=self.vision_tower_lr,
         )
         optimizer = self.optimizer_factory(groups)
         total = self.total_optimizer_steps()
@@ -319,9 +347,35 @@ class LlavaLitModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llava_lit_config"] = self.run_config
+        if self.lora is not None:
+            checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+            # The adapters' dropout draws from the global generators: a resume continues their streams.
+            checkpoint[RNG_STATE_KEY] = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                checkpoint[RNG_STATE_KEY]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A resumed run keeps the metric history of the steps before its checkpoint.
         for logger in self.trainer.loggers:
             if isinstance(logger, CSVLogger):
                 logger.resume_from_step(int(checkpoint.get("global_step", 0)))
+        if self.lora is not None:  # loaded non-strictly: check that it holds exactly what trains here
+            expected = set(trainable_state_dict(self, self.state_dict()))
+            if set(checkpoint["state_dict"]) != expected:
+                missing = sorted(expected - set(checkpoint["state_dict"]))
+                unexpected = sorted(set(checkpoint["state_dict"]) - expected)
+                raise ValueError(
+                    f"the checkpoint does not hold this LoRA run's trained parameters: missing {missing[:5]} "
+                    f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+                )
+            # Set at the first batch: creating the data loader's iterator after the restore draws a seed.
+            self._resumed_rng_state = checkpoint.get(RNG_STATE_KEY)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        rng, self._resumed_rng_state = self._resumed_rng_state, None
+        if not rng:
+            return
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -13,6 +13,8 @@ import logging
 import lightning as L
 from torch import nn
 
+from llava_lit.lora import LoraSettings, freeze_base
+
 log = logging.getLogger(__name__)
 
 STAGES: dict[str, tuple[str, ...]] = {
@@ -42,8 +44,13 @@ def set_trainable(model: nn.Module, names: tuple[str, ...]) -> dict[str, dict[st
     model.requires_grad_(False)
     for name in names:
         children[name].requires_grad_(True)
+    return parameter_counts(model)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
+    """`{submodule: {"trainable": n, "frozen": n}}` parameter counts of `model`'s top-level submodules."""
     counts = {}
-    for name, child in children.items():
+    for name, child in model.named_children():
         trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
         total = sum(p.numel() for p in child.parameters())
         counts[name] = {"trainable": trainable, "frozen": total - trainable}
@@ -53,13 +60,21 @@ def set_trainable(model: nn.Module, names: tuple[str, ...]) -> dict[str, dict[st
 class StageFreezer(L.Callback):
     """Applies a stage's freezing rule to `pl_module.model` before the model is configured or sharded."""
 
-    def __init__(self, stage: str, train_vision_tower: bool = False) -> None:
+    def __init__(
+        self, stage: str, train_vision_tower: bool = False, lora: LoraSettings | None = None
+    ) -> None:
         self.names = trainable_modules(stage, train_vision_tower=train_vision_tower)
         self.stage = stage
+        self.lora = lora if lora is not None and lora.enabled else None
         self.counts: dict[str, dict[str, int]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.counts = set_trainable(pl_module.model, self.names)
+        if self.lora is None:
+            self.counts = set_trainable(pl_module.model, self.names)
+        else:  # of the LLM only its adapters train (a 4-bit base cannot even require gradients)
+            set_trainable(pl_module.model, tuple(n for n in self.names if n != "language_model"))
+            freeze_base(pl_module.model, self.lora)
+            self.counts = parameter_counts(pl_module.model)
         for name, c in self.counts.items():
             log.info(
                 "stage %s: %-15s trainable %13s  frozen %13s",

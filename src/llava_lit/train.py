@@ -13,6 +13,7 @@ import json
 import logging
 import netrc
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ from llava_lit.checkpointing import resume_path
 from llava_lit.cpu_bf16 import cpu_precision, has_native_bf16
 from llava_lit.framework_noise import silence_framework_noise
 from llava_lit.hydra_app import hydra_app
+from llava_lit.lora import (
+    LoraSettings,
+    add_adapters,
+    quantization_arguments,
+    training_device,
+)
+from llava_lit.lora import check_supported as check_lora_supported
 from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.module import LlavaLitModule
 from llava_lit.packing import check_packing_attention
@@ -156,6 +164,10 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     `cfg.model`, so checkpoints of this run record what was actually trained, and the model is built once with
     the read weights as its parameters.
     """
+    lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+    strategy = cfg.trainer.get("strategy")
+    sharded = isinstance(strategy, Mapping) and "ModelParallel" in str(strategy.get("_target_", ""))
+    check_lora_supported(lora_settings, stage=cfg.stage.name, sharded=sharded, init_from=cfg.get("init_from"))
     pretrained = None
     if cfg.get("init_from"):
         pretrained = read_checkpoint(cfg.init_from)
@@ -181,7 +193,12 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         model, _ = pretrained.build(tokenizer)  # built once, the read weights as its parameters
         del pretrained
     else:
-        model = instantiate(cfg.model, tokenizer=tokenizer)
+        model = instantiate(
+            cfg.model,
+            tokenizer=tokenizer,
+            quantization=quantization_arguments(lora_settings),
+            quantized_device=training_device(cfg.trainer),
+        )
     if cfg.init_projector and not cfg.ckpt_path:
         path = Path(cfg.init_projector)
         if not path.is_file():
@@ -191,6 +208,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
                 "mm_projector.bin), or pass init_projector=null to start from a fresh projector."
             )
         load_projector(model.projector, path)
+    if lora_settings.enabled:  # after the starting weights: the adapters start at zero over them
+        add_adapters(model, lora_settings)
     if cfg.data.get("packing"):  # refused here, before any data is read, rather than at the first step
         check_packing_attention(model.language_model.config._attn_implementation)
     tower = model.vision_tower
@@ -207,6 +226,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
         instantiate(cfg.optimizer),
         weight_decay=module_cfg["weight_decay"],
         projector_lr=module_cfg["projector_lr"],
+        vision_tower_lr=module_cfg.get("vision_tower_lr"),
+        lora=lora_settings,
         warmup_ratio=module_cfg["warmup_ratio"],
         min_lr_ratio=module_cfg["min_lr_ratio"],
         sharding=ShardingConfig(**module_cfg["sharding"]),
@@ -220,7 +241,10 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers."""
-    callbacks: list[L.Callback] = [StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower)]
+    lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+    callbacks: list[L.Callback] = [
+        StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower, lora=lora_settings)
+    ]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return instantiate(

@@ -170,3 +170,20 @@ def test_13b_recipes_are_their_7b_twins_with_another_model(recipe, tmp_path):
         for key in ("model", "run_name", "hydra"):
             cfg.pop(key, None)
     assert small == big
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_lora_experiments_are_the_finetune_recipe_with_the_official_lora_settings(size, tmp_path):
+    full = _compose("train", [f"experiment=llava_v15_{size}_finetune"], tmp_path)
+    lora = _compose("train", [f"experiment=llava_v15_{size}_lora_finetune"], tmp_path)
+    qlora = _compose("train", [f"experiment=llava_v15_{size}_qlora_finetune"], tmp_path)
+    settings = lora.module.lora
+    assert (settings.enabled, settings.r, settings.alpha, settings.dropout) == (True, 128, 256, 0.05)
+    assert (lora.optimizer.lr, lora.module.projector_lr, lora.global_batch_size) == (2e-4, 2e-5, 128)
+    assert lora.trainer.strategy == "ddp" and lora.model.language_model.dtype == "bfloat16"
+    same_data = {k: v for k, v in full.data.items() if k != "micro_batch_size"}
+    assert {k: v for k, v in lora.data.items() if k != "micro_batch_size"} == same_data
+    assert lora.model.vision_tower.name_or_path == full.model.vision_tower.name_or_path
+    assert lora.init_projector.endswith(f"llava_v15_{size}/align/checkpoints/projector.safetensors")
+    assert qlora.module.lora.quantize == "nf4" and qlora.optimizer.name == "paged_adamw_8bit"
+    assert qlora.module.lora.r == 128 and qlora.optimizer.lr == 2e-4

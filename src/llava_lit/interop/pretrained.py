@@ -47,7 +47,7 @@ class PretrainedLlava:
     """Key prefixes (`vision_tower.`, `language_model.`) whose weights come from the pretrained backbones named in
     `config` instead of `state_dict`; empty when `state_dict` holds the whole model."""
     kind: str
-    """`official`, `official_projector`, `hf`, or `llava_lit` (one of our training checkpoints)."""
+    """`official`, `official_projector`, `official_lora`, `hf`, or `llava_lit` (one of our training checkpoints)."""
     source: str
     """What was asked for."""
     template: str | None = None

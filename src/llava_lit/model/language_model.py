@@ -53,13 +53,20 @@ def load_config(cfg: LanguageModelConfig) -> PretrainedConfig:
 
 
 def build_language_model(
-    cfg: LanguageModelConfig | dict[str, Any], *, on_meta: bool = False, empty_weights: bool = False
+    cfg: LanguageModelConfig | dict[str, Any],
+    *,
+    on_meta: bool = False,
+    empty_weights: bool = False,
+    quantization: dict[str, Any] | None = None,
+    quantized_device: str = "cpu",
 ) -> PreTrainedModel:
     """Build (and load, unless `on_meta`, `empty_weights` or not `pretrained`) the causal LM described by `cfg`.
 
     With `on_meta` the caller has entered `torch.device("meta")`: only the architecture is built. With
     `empty_weights` the parameters are left on the meta device (no memory, no random init) while buffers such as
     the rotary frequencies are real: the caller assigns the weights (`load_state_dict(..., assign=True)`).
+    `quantization` (the arguments of transformers' `BitsAndBytesConfig`, from `lora.quantization_arguments`) loads
+    the pretrained weights quantized onto `quantized_device`, where bitsandbytes quantizes them.
     """
     if isinstance(cfg, dict):
         cfg = LanguageModelConfig(**cfg)
@@ -68,6 +75,22 @@ def build_language_model(
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if on_meta or empty_weights or not cfg.pretrained:
+            raise ValueError(
+                "a quantized language model is loaded from pretrained weights: set language_model.pretrained=true "
+                "and build off the meta device"
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            config=config,
+            dtype=dtype if dtype is not None else "auto",
+            quantization_config=BitsAndBytesConfig(**quantization),
+            device_map={"": quantized_device},
+            **kwargs,
+        )
     if cfg.pretrained and not on_meta and not empty_weights:
         return AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, dtype=dtype if dtype is not None else "auto", **kwargs

@@ -313,6 +313,8 @@ def build_llava(
     tokenizer_name_or_path: str | None = None,
     tokenizer_legacy: bool | None = None,
     empty_weights: Collection[str] = (),
+    quantization: dict[str, Any] | None = None,
+    quantized_device: str = "cpu",
 ) -> LlavaModel:
     """Build a `LlavaModel` (the Hydra target of `conf/model/*.yaml`).
 
@@ -324,6 +326,8 @@ def build_llava(
     (`load_state_dict(..., assign=True)`), so the weights are held once. `tokenizer_name_or_path` and
     `tokenizer_legacy` are read by the caller that loads the tokenizer; they are accepted here only so the model
     config node can be instantiated as is.
+    `quantization` and `quantized_device` load the language model quantized (QLoRA,
+    `lora.quantization_arguments`); `device` then places the rest.
     """
     del tokenizer_name_or_path, tokenizer_legacy  # consumed by the tokenizer loader, see docstring
     if isinstance(vision_tower, dict):
@@ -340,7 +344,13 @@ def build_llava(
             vision_tower, on_meta=on_meta, empty_weights="vision_tower" in empty_weights
         )
         empty_lm = "language_model" in empty_weights
-        lm = build_language_model(language_model, on_meta=on_meta, empty_weights=empty_lm)
+        lm = build_language_model(
+            language_model,
+            on_meta=on_meta,
+            empty_weights=empty_lm,
+            quantization=quantization,
+            quantized_device=quantized_device,
+        )
         with init_empty_weights(include_buffers=False) if empty_lm else nullcontext():
             resize_embeddings_for_tokenizer(lm, len(tokenizer), language_model.pad_vocab_to_multiple_of)
         with init_empty_weights(include_buffers=False) if "projector" in empty_weights else nullcontext():
