@@ -620,9 +620,9 @@ class LlavaDataModule(L.LightningDataModule):
         self,
         sources: Sequence[Mapping[str, Any]] | str,
         *,
-        tokenizer: PreTrainedTokenizerBase,
-        image_processor: Any,
-        num_image_tokens: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        image_processor: Any = None,
+        num_image_tokens: int | None = None,
         template: str = "vicuna_v1",
         system_prompt: str | None = None,
         max_length: int = 2048,
@@ -647,7 +647,9 @@ class LlavaDataModule(L.LightningDataModule):
     ) -> None:
         """Args:
         sources: shard folders to train on, each `{"path": folder, "weight": 1.0}` (or one folder as a string).
-        tokenizer / image_processor / num_image_tokens: injected by the training entry point.
+        tokenizer / image_processor / num_image_tokens: what the model reads its inputs with; given here or
+            later through `attach_model_inputs` (the training entry point builds the data module, runs its
+            `prepare_data()`, and only then the model these come from).
         template: chat template name (`plain` for stage 1, `vicuna_v1` for stage 2).
         system_prompt: replaces the template's system prompt (`""` for none); None keeps the template's.
         max_length: longest sample in tokens, image runs expanded; longer samples are truncated or skipped.
@@ -740,6 +742,21 @@ class LlavaDataModule(L.LightningDataModule):
         self.damaged_shards: list[DamagedShard] = []
         """Shards found missing or damaged by `setup()` (within `max_lost_fraction`, or setup raises)."""
 
+    def attach_model_inputs(
+        self, *, tokenizer: PreTrainedTokenizerBase, image_processor: Any, num_image_tokens: int
+    ) -> None:
+        """Set the tokenizer, image processor and image-token count of the model the data feeds."""
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+
+    def _require_model_inputs(self) -> None:
+        if self.tokenizer is None or self.image_processor is None or self.num_image_tokens is None:
+            raise RuntimeError(
+                "LlavaDataModule has no tokenizer / image_processor / num_image_tokens: pass them to the "
+                "constructor or call attach_model_inputs() before setup()"
+            )
+
     @property
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped so far per reason, over all workers of this rank (for logging)."""
@@ -759,6 +776,7 @@ class LlavaDataModule(L.LightningDataModule):
         Raises `DataLossError` when the shards found damaged would lose more than `max_lost_fraction` of a
         rank's epoch (training or validation); the same decision on every rank, before the first batch.
         """
+        self._require_model_inputs()
         self.train_sources, self.val_sources = [], []
         damaged: dict[str, DamagedShard] = {}
         for spec in self.source_specs:

@@ -4,7 +4,8 @@
     python -m llava_lit.train stage=finetune trainer=fsdp_8gpu
     python -m llava_lit.train experiment=llava_v15_7b_align logger=wandb
 
-The default config trains on the offline miniature world, which is built on first use.
+The default config trains on the offline miniature world (`llava_lit.world`), whose data module builds it on
+first use.
 """
 
 from __future__ import annotations
@@ -83,25 +84,6 @@ def check_wandb(cfg: DictConfig) -> None:
         )
 
 
-def uses_world(cfg: DictConfig) -> bool:
-    """True when the model or data config points into the miniature world's folder."""
-    world_dir = str(cfg.paths.world_dir)
-    resolved = json.dumps(OmegaConf.to_container(cfg.model, resolve=True)) + json.dumps(
-        OmegaConf.to_container(cfg.data, resolve=True)
-    )
-    return world_dir in resolved
-
-
-def ensure_world_if_used(cfg: DictConfig) -> None:
-    """Build (or reuse) the miniature world the config's `world` node describes, when the run points into it."""
-    if not uses_world(cfg):
-        return
-    from llava_lit.world.build import WorldConfig, ensure_world
-
-    settings = OmegaConf.to_container(cfg.world, resolve=True)
-    ensure_world(Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings))
-
-
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run configuration, without the `hydra` node (launcher state, absent under `@hydra.main`)."""
     return {
@@ -112,12 +94,19 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
-    """Tokenizer, model (with its starting weights), datamodule and LightningModule from the config.
+    """Datamodule, tokenizer, model (with its starting weights) and LightningModule from the config.
+
+    The datamodule comes first and its `prepare_data()` runs before the model is built: whatever files the run
+    needs are made there (Lightning's contract for `prepare_data`: no state, safe to repeat; it runs again inside
+    `fit`). A data module may thus produce the model's own files too, as the miniature world's does. Every
+    process calls it; an implementation that writes files serialises concurrent calls itself.
 
     `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours): its model settings
     (read as checked data, never instantiated) replace `cfg.model`, so checkpoints of this run record what was
     actually trained.
     """
+    datamodule = instantiate(cfg.data, accumulate_grad_batches=run_accumulation(cfg))
+    datamodule.prepare_data()
     pretrained = None
     if cfg.get("init_from"):
         from llava_lit.interop.pretrained import load_pretrained_llava
@@ -158,12 +147,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     if cfg.data.get("packing"):  # refused here, before any data is read, rather than at the first step
         check_packing_attention(model.language_model.config._attn_implementation)
     tower = model.vision_tower
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=tokenizer,
-        image_processor=tower.image_processor,
-        num_image_tokens=tower.num_image_tokens,
-        accumulate_grad_batches=run_accumulation(cfg),
+    datamodule.attach_model_inputs(
+        tokenizer=tokenizer, image_processor=tower.image_processor, num_image_tokens=tower.num_image_tokens
     )
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
     module = LlavaLitModule(
@@ -236,7 +221,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("torch threads: %d", set_cpu_threads(cfg))
     warn_if_cpu_lacks_bf16(cfg)
     check_wandb(cfg)
-    ensure_world_if_used(cfg)
     with open_dict(cfg):  # recorded in checkpoints as the checkpoint actually resumed from
         cfg.ckpt_path = resume_path(cfg.ckpt_path, Path(cfg.paths.output_dir) / "checkpoints")
     module, datamodule = build_components(cfg)
