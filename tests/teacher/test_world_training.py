@@ -21,10 +21,10 @@ from llava_lit.generate import GenerateConfig, InputConfig, run
 from llava_lit.openai_client import ChatClientConfig
 from llava_lit.shards import read_manifest
 from llava_lit.teacher.pipeline import MIXED_FILE, TeacherConfig
-from llava_lit.world.teacher_input import write_world_inputs
 from llava_lit.tokenization import load_tokenizer
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import Scene, SceneObject
+from llava_lit.world.teacher_input import write_world_inputs
 
 N_SCENES = 6
 TYPES = ("conversation", "detail_description", "complex_reasoning")

@@ -33,8 +33,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from llava_lit.eval.run import evaluate
 from llava_lit.eval.report import Metrics
+from llava_lit.eval.run import evaluate
 from llava_lit.world.benchmark import WorldBenchmark
 from llava_lit.world.build import load_world_info
 from llava_lit.world.config import WorldConfig
