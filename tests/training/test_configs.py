@@ -150,3 +150,27 @@ def test_experiments_carry_the_official_hyperparameters(experiment, gbs, lr, epo
     cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
     assert (cfg.global_batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (gbs, lr, epochs)
     assert cfg.module.weight_decay == 0.0 and cfg.module.warmup_ratio == 0.03 and cfg.data.max_length == 2048
+
+
+def test_the_stage_alone_trains_on_the_world(tmp_path):
+    """Without `data=`, each stage takes the world's data of that stage; the finetune adds its sample answers."""
+    align = _compose("train", [], tmp_path)
+    assert align.data._target_ == "llava_lit.world.data.WorldDataModule"
+    assert align.data.template == "plain" and align.data.world.preset == "default"
+    assert "sample_answers" not in align.callbacks
+    finetune = _compose("train", ["stage=finetune"], tmp_path)
+    assert finetune.data._target_ == "llava_lit.world.data.WorldDataModule"
+    assert finetune.data.template == "vicuna_v1"
+    assert list(finetune.callbacks)[-1] == "sample_answers"
+    assert finetune.callbacks.sample_answers.benchmark._target_ == "llava_lit.world.benchmark.WorldBenchmark"
+    assert _compose("train", ["stage=finetune", "world.preset=ci"], tmp_path).data.world.preset == "ci"
+
+
+def test_a_stage_plus_a_data_choice_leaves_the_world_out(tmp_path):
+    cfg = _compose("train", ["stage=finetune", "data=mix665k"], tmp_path)
+    assert cfg.stage.name == "finetune"
+    assert cfg.data._target_ == "llava_lit.datamodule.LlavaDataModule"
+    assert cfg.data.template == "vicuna_v1"
+    assert set(cfg.callbacks) == {"model_checkpoint", "preemption", "projector_export"}
+    assert "world" not in cfg and "evaluate" not in cfg
+    _resolve(cfg)
