@@ -24,10 +24,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -224,10 +224,10 @@ def run(overrides: list[str]) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: the same `key=value` overrides as `python -m llava_lit.train`."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    run(sys.argv[1:] if argv is None else argv)
+@hydra.main(version_base="1.3", config_path="../../../conf", config_name="world_app")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (`conf/world_app.yaml`): the same `key=value` overrides as `python -m llava_lit.train`."""
+    run(list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":
