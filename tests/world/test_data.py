@@ -18,6 +18,17 @@ def test_world_config_takes_a_preset_and_field_overrides():
     assert world_config(None) == WorldConfig()
 
 
+def test_a_world_data_module_over_other_shards_builds_no_world(tmp_path):
+    world_dir = tmp_path / "world"
+    elsewhere = WorldDataModule(
+        [{"path": str(tmp_path / "shards"), "weight": 1.0}], world_dir=str(world_dir), world={"preset": "ci"}
+    )
+    elsewhere.prepare_data()
+    assert not elsewhere.reads_world() and not world_dir.exists()
+    inside = WorldDataModule(str(world_dir / "data" / "align"), world_dir=str(world_dir))
+    assert inside.reads_world()
+
+
 def _shrunk_overrides(cfg: WorldConfig) -> list[str]:
     """`world.*` overrides that compose `cfg` (the CI preset plus the fields where `cfg` differs from it)."""
     ci = WorldConfig.ci()

@@ -1,7 +1,7 @@
 """The miniature world's data module: the core `LlavaDataModule` over the world's shards, building the world first.
 
-`prepare_data()` builds (or reuses) the world that `world` describes in `world_dir`: shards, held-out questions
-and the tiny CLIP + LLaMA the `model=tiny` config loads. The training entry point calls it before it builds the
+`prepare_data()` builds (or reuses) the world that `world` describes in `world_dir` when the module's sources lie
+in it: shards, held-out questions and the tiny CLIP + LLaMA the `model=tiny` config loads. The training entry point calls it before it builds the
 model, and Lightning again inside `fit` (then a cache hit); concurrent ranks serialise on `ensure_world`'s lock, so
 the world is built once.
 """
@@ -42,6 +42,17 @@ class WorldDataModule(LlavaDataModule):
         self.world_dir = Path(world_dir)
         self.world_config = world_config(world)
 
+    def reads_world(self) -> bool:
+        """True when a training or validation source lies inside `world_dir` (the world's own shards).
+
+        Runs that point the world's data entry at other shards (the tests' tiny datasets) need no world.
+        """
+        world = self.world_dir.expanduser().resolve()
+        paths = [Path(spec["path"]).expanduser().resolve() for spec in [*self.source_specs, *self.val_specs]]
+        return any(path.is_relative_to(world) for path in paths)
+
     def prepare_data(self) -> None:
-        """Build the world into `world_dir` unless the one there has this config's fingerprint."""
-        ensure_world(self.world_dir, self.world_config)
+        """Build the world into `world_dir` unless the one there has this config's fingerprint (or no source
+        reads it)."""
+        if self.reads_world():
+            ensure_world(self.world_dir, self.world_config)
