@@ -519,8 +519,8 @@ class ShardStream(IterableDataset):
             log.warning("skipped sample %s (%s, #%d in this worker): %s", raw.get("__key__"), reason, n, err)
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) from torch.distributed when initialised, else the launcher's environment."""
+def _distributed_ranks() -> tuple[int, int]:
+    """(number of ranks, this rank) from torch.distributed when initialised, else the launcher's environment."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -762,13 +762,13 @@ class LlavaDataModule(L.LightningDataModule):
         """Samples skipped so far per reason, over all workers of this rank (for logging)."""
         return self._counter.as_dict()
 
-    def world(self) -> tuple[int, int]:
-        """(world size, rank): explicit arguments, else the attached trainer, else torch.distributed/env."""
+    def ranks(self) -> tuple[int, int]:
+        """(number of ranks, this rank): explicit arguments, else the attached trainer, else torch.distributed/env."""
         if self._world_size is not None:
             return self._world_size, self._rank or 0
         if self.trainer is not None:
             return self.trainer.world_size, self.trainer.global_rank
-        return _world()
+        return _distributed_ranks()
 
     def setup(self, stage: str | None = None) -> None:
         """Read the manifests, check the shards against them, hold out validation shards, and size the epoch.
@@ -796,7 +796,7 @@ class LlavaDataModule(L.LightningDataModule):
         train = self._stream(self.train_sources, shuffle=True)
         self.num_train_samples = train.epoch_samples
         self.train_batches_per_epoch = len(train)
-        world_size, _ = self.world()
+        world_size, _ = self.ranks()
         if train.rank_samples == 0:
             raise ValueError(f"{self.num_train_samples} training samples cannot feed {world_size} ranks")
         self.damaged_shards = list(damaged.values())
@@ -844,7 +844,7 @@ class LlavaDataModule(L.LightningDataModule):
         return height, width, self.image_aspect
 
     def _stream(self, sources: Sequence[Source], *, shuffle: bool) -> ShardStream:
-        world_size, rank = self.world()
+        world_size, rank = self.ranks()
         encoder = SampleEncoder(
             tokenizer=self.tokenizer,
             image_loader=ImageLoader(
@@ -911,7 +911,7 @@ class LlavaDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers are re-created each epoch and receive that epoch's plan
-            worker_init_fn=_WorkerInit(rank=self.world()[1]),
+            worker_init_fn=_WorkerInit(rank=self.ranks()[1]),
         )
         loader.epoch_fn = epoch_fn
         return loader
@@ -933,7 +933,7 @@ class LlavaDataModule(L.LightningDataModule):
             return []
         stream = self._stream(self.val_sources, shuffle=False)
         if stream.rank_samples == 0:
-            raise ValueError(f"{stream.epoch_samples} validation samples cannot feed {self.world()[0]} ranks")
+            raise ValueError(f"{stream.epoch_samples} validation samples cannot feed {self.ranks()[0]} ranks")
         return self._loader(stream, lambda: 0)
 
 

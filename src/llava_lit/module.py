@@ -250,15 +250,15 @@ class LlavaLitModule(L.LightningModule):
         now = time.perf_counter()
         if self._last_step_end is not None:
             dt = now - self._last_step_end
-            world = self.trainer.world_size
-            samples = len(batch["ids"]) * world  # packed rows hold several samples
-            tokens = int(batch["attention_mask"].sum()) * world
+            ranks = self.trainer.world_size
+            samples = len(batch["ids"]) * ranks  # packed rows hold several samples
+            tokens = int(batch["attention_mask"].sum()) * ranks
             metrics = {"perf/samples_per_s": samples / dt, "perf/tokens_per_s": tokens / dt}
             if self._step_flops is not None:
-                flops_per_s = self._step_flops.batch(batch) * world / dt
+                flops_per_s = self._step_flops.batch(batch) * ranks / dt
                 metrics["perf/tflops_per_s"] = flops_per_s / 1e12
                 if self._peak_flops is not None:
-                    metrics["perf/mfu"] = flops_per_s / (self._peak_flops * world)
+                    metrics["perf/mfu"] = flops_per_s / (self._peak_flops * ranks)
             self.log_dict(metrics, batch_size=batch["input_ids"].shape[0])
         self._last_step_end = now
 

@@ -36,7 +36,7 @@ from llava_lit.tokenization import load_tokenizer, tokenizer_legacy
 log = logging.getLogger(__name__)
 
 
-def world_size(trainer_cfg: DictConfig) -> int:
+def num_processes(trainer_cfg: DictConfig) -> int:
     """Number of training processes the trainer config asks for (devices per node x nodes)."""
     devices = trainer_cfg.get("devices", 1)
     if isinstance(devices, int) and devices > 0:
@@ -50,20 +50,20 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return per_node * int(trainer_cfg.get("num_nodes", 1))
 
 
-def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world: int) -> int:
-    """Micro-batches per optimizer step so that micro x world x accumulation == global batch."""
-    per_step = micro_batch_size * world
+def gradient_accumulation(global_batch_size: int, micro_batch_size: int, processes: int) -> int:
+    """Micro-batches per optimizer step so that micro x processes x accumulation == global batch."""
+    per_step = micro_batch_size * processes
     if global_batch_size % per_step:
         raise ValueError(
-            f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size x world size "
-            f"= {micro_batch_size} x {world} = {per_step}"
+            f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size x processes "
+            f"= {micro_batch_size} x {processes} = {per_step}"
         )
     return global_batch_size // per_step
 
 
 def run_accumulation(cfg: DictConfig) -> int:
     """The run's micro-batches per optimizer step: what the Trainer accumulates and the data groups by length."""
-    return gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
+    return gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, num_processes(cfg.trainer))
 
 
 def check_wandb(cfg: DictConfig) -> None:
@@ -188,7 +188,7 @@ def set_cpu_threads(cfg: DictConfig) -> int:
     if threads is None:
         if cfg.trainer.get("accelerator") != "cpu":
             return torch.get_num_threads()
-        per_process_cores = (os.cpu_count() or 1) // max(1, world_size(cfg.trainer))
+        per_process_cores = (os.cpu_count() or 1) // max(1, num_processes(cfg.trainer))
         threads = max(1, per_process_cores - int(cfg.data.get("num_workers", 0)))
     torch.set_num_threads(int(threads))
     return int(threads)

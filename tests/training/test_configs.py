@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf, open_dict
 
-from llava_lit.train import world_size
+from llava_lit.train import num_processes
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 HF_CONFIGS = CONF / "hf_configs"
@@ -62,7 +62,7 @@ def test_every_experiment_composes_with_consistent_batch_arithmetic(experiment, 
     _resolve(cfg)
     assert cfg.run_name in experiment
     assert cfg.stage.name in experiment
-    assert cfg.global_batch_size % (cfg.micro_batch_size * world_size(cfg.trainer)) == 0
+    assert cfg.global_batch_size % (cfg.micro_batch_size * num_processes(cfg.trainer)) == 0
 
 
 @pytest.mark.parametrize("name", PRIMARY)
@@ -79,7 +79,7 @@ def test_every_primary_config_composes(name, tmp_path):
 def test_cpu_trainers_instantiate(trainer, tmp_path):
     cfg = _compose("train", [f"trainer={trainer}"], tmp_path)
     built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    assert built.world_size == world_size(cfg.trainer)
+    assert built.world_size == num_processes(cfg.trainer)
 
 
 @pytest.mark.parametrize("trainer", ["fsdp_8gpu", "multi_node"])
@@ -89,7 +89,7 @@ def test_gpu_strategies_instantiate(trainer, tmp_path):
     assert isinstance(
         strategy, ModelParallelStrategy
     )  # Lightning's FSDP2 strategy, with atomic sharded saves
-    assert strategy._data_parallel_size == world_size(cfg.trainer)
+    assert strategy._data_parallel_size == num_processes(cfg.trainer)
     assert cfg.module.sharding.param_dtype == "bfloat16" and cfg.module.sharding.activation_checkpointing
 
 
