@@ -168,9 +168,12 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers."""
+    """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers.
+
+    A callback set to null (`++callbacks.<name>=null`) is left out.
+    """
     callbacks: list[L.Callback] = [StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower)]
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, accumulate_grad_batches=run_accumulation(cfg)

@@ -116,7 +116,7 @@ def test_teacher_output_converts_and_trains_in_the_world(trained_world: dict, tm
             f"paths.output_root={outputs}",
             f"data.sources=[{{path: {shards}, weight: 1.0}}]",
             "data.val_sources=null",
-            "callbacks=default",
+            "++callbacks.sample_answers=null",
             f"init_projector={projector}",
             "trainer.max_steps=3",
             # 18 samples in batches of 4 are 4 optimizer steps per epoch: max_steps ends the run.
