@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf, open_dict
 
+import llava_lit.world.__main__  # noqa: F401  (stores the schema that conf/world_build.yaml extends)
 from llava_lit.train import num_processes
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
