@@ -1,6 +1,7 @@
 """`python -m llava_lit.world.evaluate`: the proof that the miniature LLaVA learned, with its two ablations.
 
-Run after `stage=align` and `stage=finetune`, with the same overrides (it composes `conf/train.yaml`):
+Run after `stage=align` and `stage=finetune`, with the same overrides (a Hydra app over `conf/world_app.yaml`, which
+extends `conf/train.yaml`; it composes each stage's config from the same overrides):
 
     python -m llava_lit.train stage=align
     python -m llava_lit.train stage=finetune
