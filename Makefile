@@ -31,9 +31,10 @@ test: install  ## every test CI runs (slow ones included, GPU ones skip without 
 test-fast: install  ## the quick loop: skips tests marked slow
 	$(VENV)/bin/pytest -q -m "not slow"
 
-lint: install  ## ruff lint + format check
+lint: install  ## ruff lint + format check + import contracts (pyproject's [tool.importlinter])
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: install  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests benchmarks

@@ -76,14 +76,13 @@ def waste(lengths: Sequence[int], micro_batch: int, pool: int, how: str) -> floa
 
 
 def world_datamodule(preset: str, **data: object):
-    """The world's stage-2 data module (built world, real config), with `data` overrides."""
-    from llava_lit.train import build_components, ensure_world_if_used
+    """The world's stage-2 data module (built by `build_components`, real config), with `data` overrides."""
+    from llava_lit.train import build_components
     from llava_lit.world.evaluate import compose_train
 
     overrides = ["stage=finetune", "init_projector=null", f"world.preset={preset}"]
     overrides += [f"data.{k}={v}" for k, v in data.items()]
     cfg = compose_train(overrides)
-    ensure_world_if_used(cfg)
     module, datamodule = build_components(cfg)
     datamodule.setup("fit")
     return module, datamodule

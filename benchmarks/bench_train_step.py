@@ -28,12 +28,11 @@ def measure(threads: int, compiled: bool, steps: int, overrides: list[str]) -> d
     import torch
 
     from llava_lit.module import compile_decoder_layers, next_token_loss
-    from llava_lit.train import build_components, ensure_world_if_used
+    from llava_lit.train import build_components
     from llava_lit.world.evaluate import compose_train
 
     torch.set_num_threads(threads)
     cfg = compose_train(["stage=finetune", "init_projector=null", *overrides])
-    ensure_world_if_used(cfg)
     module, datamodule = build_components(cfg)
     datamodule.setup("fit")
     batches = iter(datamodule.train_dataloader())

@@ -206,7 +206,7 @@ def tiny_overrides(
         f"paths.output_root={output_root}",
         "global_batch_size=8",
         "micro_batch_size=4",
-        "callbacks=default",  # the finetune stage's sample answers read the miniature world's eval files
+        "++callbacks.sample_answers=null",  # the world finetune's sample answers read the world's eval files
         "module.compile_blocks=false",  # compiling costs ~20 s a run; test_train covers it once
     ]
 

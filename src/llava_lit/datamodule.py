@@ -519,8 +519,8 @@ class ShardStream(IterableDataset):
             log.warning("skipped sample %s (%s, #%d in this worker): %s", raw.get("__key__"), reason, n, err)
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) from torch.distributed when initialised, else the launcher's environment."""
+def _distributed_ranks() -> tuple[int, int]:
+    """(number of ranks, this rank) from torch.distributed when initialised, else the launcher's environment."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -620,9 +620,9 @@ class LlavaDataModule(L.LightningDataModule):
         self,
         sources: Sequence[Mapping[str, Any]] | str,
         *,
-        tokenizer: PreTrainedTokenizerBase,
-        image_processor: Any,
-        num_image_tokens: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        image_processor: Any = None,
+        num_image_tokens: int | None = None,
         template: str = "vicuna_v1",
         system_prompt: str | None = None,
         max_length: int = 2048,
@@ -647,7 +647,9 @@ class LlavaDataModule(L.LightningDataModule):
     ) -> None:
         """Args:
         sources: shard folders to train on, each `{"path": folder, "weight": 1.0}` (or one folder as a string).
-        tokenizer / image_processor / num_image_tokens: injected by the training entry point.
+        tokenizer / image_processor / num_image_tokens: what the model reads its inputs with; given here or
+            later through `attach_model_inputs` (the training entry point builds the data module, runs its
+            `prepare_data()`, and only then the model these come from).
         template: chat template name (`plain` for stage 1, `vicuna_v1` for stage 2).
         system_prompt: replaces the template's system prompt (`""` for none); None keeps the template's.
         max_length: longest sample in tokens, image runs expanded; longer samples are truncated or skipped.
@@ -740,18 +742,33 @@ class LlavaDataModule(L.LightningDataModule):
         self.damaged_shards: list[DamagedShard] = []
         """Shards found missing or damaged by `setup()` (within `max_lost_fraction`, or setup raises)."""
 
+    def attach_model_inputs(
+        self, *, tokenizer: PreTrainedTokenizerBase, image_processor: Any, num_image_tokens: int
+    ) -> None:
+        """Set the tokenizer, image processor and image-token count of the model the data feeds."""
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+
+    def _require_model_inputs(self) -> None:
+        if self.tokenizer is None or self.image_processor is None or self.num_image_tokens is None:
+            raise RuntimeError(
+                "LlavaDataModule has no tokenizer / image_processor / num_image_tokens: pass them to the "
+                "constructor or call attach_model_inputs() before setup()"
+            )
+
     @property
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped so far per reason, over all workers of this rank (for logging)."""
         return self._counter.as_dict()
 
-    def world(self) -> tuple[int, int]:
-        """(world size, rank): explicit arguments, else the attached trainer, else torch.distributed/env."""
+    def ranks(self) -> tuple[int, int]:
+        """(number of ranks, this rank): explicit arguments, else the attached trainer, else torch.distributed/env."""
         if self._world_size is not None:
             return self._world_size, self._rank or 0
         if self.trainer is not None:
             return self.trainer.world_size, self.trainer.global_rank
-        return _world()
+        return _distributed_ranks()
 
     def setup(self, stage: str | None = None) -> None:
         """Read the manifests, check the shards against them, hold out validation shards, and size the epoch.
@@ -759,6 +776,7 @@ class LlavaDataModule(L.LightningDataModule):
         Raises `DataLossError` when the shards found damaged would lose more than `max_lost_fraction` of a
         rank's epoch (training or validation); the same decision on every rank, before the first batch.
         """
+        self._require_model_inputs()
         self.train_sources, self.val_sources = [], []
         damaged: dict[str, DamagedShard] = {}
         for spec in self.source_specs:
@@ -778,7 +796,7 @@ class LlavaDataModule(L.LightningDataModule):
         train = self._stream(self.train_sources, shuffle=True)
         self.num_train_samples = train.epoch_samples
         self.train_batches_per_epoch = len(train)
-        world_size, _ = self.world()
+        world_size, _ = self.ranks()
         if train.rank_samples == 0:
             raise ValueError(f"{self.num_train_samples} training samples cannot feed {world_size} ranks")
         self.damaged_shards = list(damaged.values())
@@ -826,7 +844,7 @@ class LlavaDataModule(L.LightningDataModule):
         return height, width, self.image_aspect
 
     def _stream(self, sources: Sequence[Source], *, shuffle: bool) -> ShardStream:
-        world_size, rank = self.world()
+        world_size, rank = self.ranks()
         encoder = SampleEncoder(
             tokenizer=self.tokenizer,
             image_loader=ImageLoader(
@@ -893,7 +911,7 @@ class LlavaDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers are re-created each epoch and receive that epoch's plan
-            worker_init_fn=_WorkerInit(rank=self.world()[1]),
+            worker_init_fn=_WorkerInit(rank=self.ranks()[1]),
         )
         loader.epoch_fn = epoch_fn
         return loader
@@ -915,7 +933,7 @@ class LlavaDataModule(L.LightningDataModule):
             return []
         stream = self._stream(self.val_sources, shuffle=False)
         if stream.rank_samples == 0:
-            raise ValueError(f"{stream.epoch_samples} validation samples cannot feed {self.world()[0]} ranks")
+            raise ValueError(f"{stream.epoch_samples} validation samples cannot feed {self.ranks()[0]} ranks")
         return self._loader(stream, lambda: 0)
 
 

@@ -4,7 +4,8 @@
     python -m llava_lit.train stage=finetune trainer=fsdp_8gpu
     python -m llava_lit.train experiment=llava_v15_7b_align logger=wandb
 
-The default config trains on the offline miniature world, which is built on first use.
+The default config trains on the offline miniature world (`llava_lit.world`), whose data module builds it on
+first use.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from llava_lit.tokenization import load_tokenizer, tokenizer_legacy
 log = logging.getLogger(__name__)
 
 
-def world_size(trainer_cfg: DictConfig) -> int:
+def num_processes(trainer_cfg: DictConfig) -> int:
     """Number of training processes the trainer config asks for (devices per node x nodes)."""
     devices = trainer_cfg.get("devices", 1)
     if isinstance(devices, int) and devices > 0:
@@ -61,45 +62,45 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return per_node * int(trainer_cfg.get("num_nodes", 1))
 
 
-def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world: int) -> int:
-    """Micro-batches per optimizer step so that micro x world x accumulation == global batch."""
-    per_step = micro_batch_size * world
+def gradient_accumulation(global_batch_size: int, micro_batch_size: int, processes: int) -> int:
+    """Micro-batches per optimizer step so that micro x processes x accumulation == global batch."""
+    per_step = micro_batch_size * processes
     if global_batch_size % per_step:
         raise ValueError(
-            f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size x world size "
-            f"= {micro_batch_size} x {world} = {per_step}"
+            f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size x processes "
+            f"= {micro_batch_size} x {processes} = {per_step}"
         )
     return global_batch_size // per_step
 
 
-def fitted_micro_batch(global_batch_size: int, micro_batch_size: int, world: int) -> int:
+def fitted_micro_batch(global_batch_size: int, micro_batch_size: int, processes: int) -> int:
     """The micro-batch a run uses: `micro_batch_size` when it divides each process's share of the global batch,
     else the largest smaller one that does, so a recipe keeps its global batch on any device count.
 
     A global batch that does not split equally over the processes cannot be made to fit and is refused.
     """
-    if global_batch_size % world:
+    if global_batch_size % processes:
         raise ValueError(
-            f"global_batch_size={global_batch_size} does not split equally over {world} processes: "
+            f"global_batch_size={global_batch_size} does not split equally over {processes} processes: "
             "choose a global batch that is a multiple of the number of devices x nodes"
         )
-    per_process = global_batch_size // world
+    per_process = global_batch_size // processes
     return max(m for m in range(1, min(micro_batch_size, per_process) + 1) if per_process % m == 0)
 
 
 def fit_micro_batch(cfg: DictConfig) -> None:
     """Set `cfg.micro_batch_size` to `fitted_micro_batch` (logging the change) before anything is built."""
-    world = world_size(cfg.trainer)
-    micro = fitted_micro_batch(cfg.global_batch_size, cfg.micro_batch_size, world)
+    processes = num_processes(cfg.trainer)
+    micro = fitted_micro_batch(cfg.global_batch_size, cfg.micro_batch_size, processes)
     if micro != cfg.micro_batch_size:
         log.info(
             "micro_batch_size=%d does not divide global_batch_size=%d over %d processes: micro_batch_size=%d, "
             "%d accumulation steps",
             cfg.micro_batch_size,
             cfg.global_batch_size,
-            world,
+            processes,
             micro,
-            gradient_accumulation(cfg.global_batch_size, micro, world),
+            gradient_accumulation(cfg.global_batch_size, micro, processes),
         )
         with open_dict(cfg):
             cfg.micro_batch_size = micro
@@ -107,7 +108,7 @@ def fit_micro_batch(cfg: DictConfig) -> None:
 
 def run_accumulation(cfg: DictConfig) -> int:
     """The run's micro-batches per optimizer step: what the Trainer accumulates and the data groups by length."""
-    return gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
+    return gradient_accumulation(cfg.global_batch_size, cfg.micro_batch_size, num_processes(cfg.trainer))
 
 
 def check_wandb(cfg: DictConfig) -> None:
@@ -128,25 +129,6 @@ def check_wandb(cfg: DictConfig) -> None:
         )
 
 
-def uses_world(cfg: DictConfig) -> bool:
-    """True when the model or data config points into the miniature world's folder."""
-    world_dir = str(cfg.paths.world_dir)
-    resolved = json.dumps(OmegaConf.to_container(cfg.model, resolve=True)) + json.dumps(
-        OmegaConf.to_container(cfg.data, resolve=True)
-    )
-    return world_dir in resolved
-
-
-def ensure_world_if_used(cfg: DictConfig) -> None:
-    """Build (or reuse) the miniature world the config's `world` node describes, when the run points into it."""
-    if not uses_world(cfg):
-        return
-    from llava_lit.world.build import WorldConfig, ensure_world
-
-    settings = OmegaConf.to_container(cfg.world, resolve=True)
-    ensure_world(Path(cfg.paths.world_dir), WorldConfig.preset(settings.pop("preset", "default"), **settings))
-
-
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run configuration, without the `hydra` node (launcher state, absent under `@hydra.main`)."""
     return {
@@ -157,7 +139,12 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
-    """Tokenizer, model (with its starting weights), datamodule and LightningModule from the config.
+    """Datamodule, tokenizer, model (with its starting weights) and LightningModule from the config.
+
+    The datamodule comes first and its `prepare_data()` runs before the model is built: whatever files the run
+    needs are made there (Lightning's contract for `prepare_data`: no state, safe to repeat; it runs again inside
+    `fit`). A data module may thus produce the model's own files too, as the miniature world's does. Every
+    process calls it; an implementation that writes files serialises concurrent calls itself.
 
     `init_from` starts from a whole released or exported LLaVA (official, llava-hf, or ours), read by
     `checkpoint_reader.read_checkpoint`: its model settings (read as checked data, never instantiated) replace
@@ -168,6 +155,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     strategy = cfg.trainer.get("strategy")
     sharded = isinstance(strategy, Mapping) and "ModelParallel" in str(strategy.get("_target_", ""))
     check_lora_supported(lora_settings, stage=cfg.stage.name, sharded=sharded, init_from=cfg.get("init_from"))
+    datamodule = instantiate(cfg.data, accumulate_grad_batches=run_accumulation(cfg))
+    datamodule.prepare_data()
     pretrained = None
     if cfg.get("init_from"):
         pretrained = read_checkpoint(cfg.init_from)
@@ -213,12 +202,8 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     if cfg.data.get("packing"):  # refused here, before any data is read, rather than at the first step
         check_packing_attention(model.language_model.config._attn_implementation)
     tower = model.vision_tower
-    datamodule = instantiate(
-        cfg.data,
-        tokenizer=tokenizer,
-        image_processor=tower.image_processor,
-        num_image_tokens=tower.num_image_tokens,
-        accumulate_grad_batches=run_accumulation(cfg),
+    datamodule.attach_model_inputs(
+        tokenizer=tokenizer, image_processor=tower.image_processor, num_image_tokens=tower.num_image_tokens
     )
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
     module = LlavaLitModule(
@@ -240,12 +225,15 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers."""
+    """The Lightning Trainer with the stage's freezer, the configured callbacks and loggers.
+
+    A callback set to null (`++callbacks.<name>=null`) is left out.
+    """
     lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
     callbacks: list[L.Callback] = [
         StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower, lora=lora_settings)
     ]
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, accumulate_grad_batches=run_accumulation(cfg)
@@ -263,7 +251,7 @@ def set_cpu_threads(cfg: DictConfig) -> int:
     if threads is None:
         if cfg.trainer.get("accelerator") != "cpu":
             return torch.get_num_threads()
-        per_process_cores = (os.cpu_count() or 1) // max(1, world_size(cfg.trainer))
+        per_process_cores = (os.cpu_count() or 1) // max(1, num_processes(cfg.trainer))
         threads = max(1, per_process_cores - int(cfg.data.get("num_workers", 0)))
     torch.set_num_threads(int(threads))
     return int(threads)
@@ -303,7 +291,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resolve_cpu_precision(cfg)
     fit_micro_batch(cfg)
     check_wandb(cfg)
-    ensure_world_if_used(cfg)
     with open_dict(cfg):  # recorded in checkpoints as the checkpoint actually resumed from
         cfg.ckpt_path = resume_path(cfg.ckpt_path, Path(cfg.paths.output_dir) / "checkpoints")
     module, datamodule = build_components(cfg)

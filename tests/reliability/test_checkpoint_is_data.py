@@ -147,7 +147,7 @@ def test_a_hub_id_is_read_as_data_too(tiny_backbones, tmp_path, monkeypatch):
 
 
 def test_the_evaluation_front_end_refuses_it(tiny_backbones, weights, tmp_path):
-    from llava_lit.eval.__main__ import evaluate
+    from llava_lit.eval.run import evaluate
     from llava_lit.qa_files import Question
 
     class OneQuestion:

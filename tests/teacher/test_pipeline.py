@@ -20,9 +20,9 @@ from llava_lit.generate import GenerateConfig, InputConfig, run
 from llava_lit.openai_client import ChatClientConfig
 from llava_lit.records import parse_record
 from llava_lit.teacher.pipeline import MIXED_FILE, TeacherConfig
-from llava_lit.teacher.world_input import write_world_inputs
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import render_scene, sample_scene
+from llava_lit.world.teacher_input import write_world_inputs
 
 TYPES = ("conversation", "detail_description", "complex_reasoning")
 

@@ -21,10 +21,10 @@ from llava_lit.generate import GenerateConfig, InputConfig, run
 from llava_lit.openai_client import ChatClientConfig
 from llava_lit.shards import read_manifest
 from llava_lit.teacher.pipeline import MIXED_FILE, TeacherConfig
-from llava_lit.teacher.world_input import write_world_inputs
 from llava_lit.tokenization import load_tokenizer
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import Scene, SceneObject
+from llava_lit.world.teacher_input import write_world_inputs
 
 N_SCENES = 6
 TYPES = ("conversation", "detail_description", "complex_reasoning")
@@ -116,7 +116,7 @@ def test_teacher_output_converts_and_trains_in_the_world(trained_world: dict, tm
             f"paths.output_root={outputs}",
             f"data.sources=[{{path: {shards}, weight: 1.0}}]",
             "data.val_sources=null",
-            "callbacks=default",
+            "++callbacks.sample_answers=null",
             f"init_projector={projector}",
             "trainer.max_steps=3",
             # 18 samples in batches of 4 are 4 optimizer steps per epoch: max_steps ends the run.

@@ -17,8 +17,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf, open_dict
 
+import llava_lit.world.__main__  # noqa: F401  (stores the schema that conf/world_build.yaml extends)
 from llava_lit.hydra_app import config_dir
-from llava_lit.train import fit_micro_batch, run_accumulation, world_size
+from llava_lit.train import fit_micro_batch, num_processes, run_accumulation
 
 CONF = config_dir()
 HF_CONFIGS = CONF / "hf_configs"
@@ -63,7 +64,7 @@ def test_every_experiment_composes_with_consistent_batch_arithmetic(experiment, 
     _resolve(cfg)
     assert cfg.run_name in experiment
     assert cfg.stage.name in experiment
-    assert cfg.global_batch_size % (cfg.micro_batch_size * world_size(cfg.trainer)) == 0
+    assert cfg.global_batch_size % (cfg.micro_batch_size * num_processes(cfg.trainer)) == 0
 
 
 @pytest.mark.parametrize("name", PRIMARY)
@@ -80,7 +81,7 @@ def test_every_primary_config_composes(name, tmp_path):
 def test_cpu_trainers_instantiate(trainer, tmp_path):
     cfg = _compose("train", [f"trainer={trainer}"], tmp_path)
     built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-    assert built.world_size == world_size(cfg.trainer)
+    assert built.world_size == num_processes(cfg.trainer)
 
 
 @pytest.mark.parametrize("trainer", ["fsdp_8gpu", "multi_node"])
@@ -90,7 +91,7 @@ def test_gpu_strategies_instantiate(trainer, tmp_path):
     assert isinstance(
         strategy, ModelParallelStrategy
     )  # Lightning's FSDP2 strategy, with atomic sharded saves
-    assert strategy._data_parallel_size == world_size(cfg.trainer)
+    assert strategy._data_parallel_size == num_processes(cfg.trainer)
     assert cfg.module.sharding.param_dtype == "bfloat16" and cfg.module.sharding.activation_checkpointing
 
 
@@ -155,7 +156,7 @@ def test_experiments_carry_the_official_hyperparameters(experiment, gbs, lr, epo
 
 def test_the_default_recipe_on_an_8gpu_node_keeps_its_global_batch(tmp_path):
     cfg = _compose("train", ["stage=finetune", "trainer=fsdp_8gpu"], tmp_path)
-    assert (cfg.global_batch_size, cfg.micro_batch_size, world_size(cfg.trainer)) == (32, 32, 8)
+    assert (cfg.global_batch_size, cfg.micro_batch_size, num_processes(cfg.trainer)) == (32, 32, 8)
     fit_micro_batch(cfg)
     assert cfg.micro_batch_size == cfg.data.micro_batch_size == 4 and run_accumulation(cfg) == 1
 
@@ -187,3 +188,27 @@ def test_lora_experiments_are_the_finetune_recipe_with_the_official_lora_setting
     assert lora.init_projector.endswith(f"llava_v15_{size}/align/checkpoints/projector.safetensors")
     assert qlora.module.lora.quantize == "nf4" and qlora.optimizer.name == "paged_adamw_8bit"
     assert qlora.module.lora.r == 128 and qlora.optimizer.lr == 2e-4
+
+
+def test_the_stage_alone_trains_on_the_world(tmp_path):
+    """Without `data=`, each stage takes the world's data of that stage; the finetune adds its sample answers."""
+    align = _compose("train", [], tmp_path)
+    assert align.data._target_ == "llava_lit.world.data.WorldDataModule"
+    assert align.data.template == "plain" and align.data.world.preset == "default"
+    assert "sample_answers" not in align.callbacks
+    finetune = _compose("train", ["stage=finetune"], tmp_path)
+    assert finetune.data._target_ == "llava_lit.world.data.WorldDataModule"
+    assert finetune.data.template == "vicuna_v1"
+    assert list(finetune.callbacks)[-1] == "sample_answers"
+    assert finetune.callbacks.sample_answers.benchmark._target_ == "llava_lit.world.benchmark.WorldBenchmark"
+    assert _compose("train", ["stage=finetune", "world.preset=ci"], tmp_path).data.world.preset == "ci"
+
+
+def test_a_stage_plus_a_data_choice_leaves_the_world_out(tmp_path):
+    cfg = _compose("train", ["stage=finetune", "data=mix665k"], tmp_path)
+    assert cfg.stage.name == "finetune"
+    assert cfg.data._target_ == "llava_lit.datamodule.LlavaDataModule"
+    assert cfg.data.template == "vicuna_v1"
+    assert set(cfg.callbacks) == {"model_checkpoint", "preemption", "projector_export"}
+    assert "world" not in cfg and "evaluate" not in cfg
+    _resolve(cfg)

@@ -57,7 +57,7 @@ def test_demo_runs_every_step_with_the_ablation_beside_the_finetune(tmp_path, ca
         "trainer.limit_val_batches=1",
         "evaluate.limit=14",
     ]
-    times = demo.main(overrides)
+    times = demo.run(overrides)
     assert set(times) == {
         "align",
         "world build (in align)",

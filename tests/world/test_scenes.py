@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -105,8 +107,34 @@ def test_presets_and_fingerprint():
         WorldConfig.preset("huge")
 
 
-def test_cli_rejects_an_unknown_preset(tmp_path):
-    from llava_lit.world.__main__ import main
+def _compose_build(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
 
+    import llava_lit.world.__main__  # noqa: F401  (stores the BuildArgs schema)
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("world_build", overrides=overrides)
+
+
+def test_cli_rejects_an_unknown_preset(tmp_path):
+    from llava_lit.world.__main__ import build
+
+    args = _compose_build([f"out_dir={tmp_path / 'w'}", "preset=huge"])
     with pytest.raises(SystemExit, match="unknown world preset"):
-        main([f"out_dir={tmp_path / 'w'}", "preset=huge"])
+        build(args, set())
+
+
+def test_cli_world_fields_are_typed_and_only_the_given_ones_override_the_preset():
+    from hydra.errors import ConfigCompositionException
+
+    from llava_lit.world.__main__ import given_world_fields
+
+    overrides = ["preset=ci", "world.seed=3", "world.n_train_scenes=7"]
+    args = _compose_build(overrides)
+    assert args.world.seed == 3 and args.world.n_train_scenes == 7
+    assert given_world_fields(overrides) == {"seed", "n_train_scenes"}
+    with pytest.raises(ConfigCompositionException):
+        _compose_build(["world.seed=three"])
+    with pytest.raises(ConfigCompositionException):
+        _compose_build(["world.no_such_field=1"])

@@ -1,6 +1,7 @@
 """`python -m llava_lit.world [out_dir=DIR] [preset=default|ci] [force=true] [world.<field>=value ...]`: build the world.
 
-Arguments are OmegaConf dot-list overrides of `BuildArgs`, whose `world` is a `WorldConfig`; e.g.
+A Hydra app (`conf/world_build.yaml` over the `BuildArgs` schema); `world` holds every `WorldConfig` field, and
+the ones given on the command line apply on top of the preset, e.g.
 `python -m llava_lit.world out_dir=/tmp/w preset=ci world.seed=3`. Without `force` a cached world with the same
 config is reused. Prints the world's `world.json` summary (timings, backbone quality) at the end.
 """
@@ -8,21 +9,24 @@ config is reused. Prints the world's `world.json` summary (timings, backbone qua
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-from llava_lit.world.build import WorldConfig, build_world, ensure_world, load_world_info
+from llava_lit.hydra_app import hydra_app
+from llava_lit.world.build import build_world, ensure_world, load_world_info
+from llava_lit.world.config import WorldConfig
 
 
 @dataclass
 class BuildArgs:
     """Command-line settings of a world build."""
 
-    out_dir: str = "${llava_lit_cache:}/world"
-    """Where the world goes (the training configs' default `paths.world_dir`)."""
+    out_dir: str = "world"
+    """Where the world goes (`conf/world_build.yaml` sets the training configs' default `paths.world_dir`)."""
 
     preset: str = "default"
     """`default` (the full world) or `ci` (the miniature preset for tests/CI); `world.*` overrides apply on top."""
@@ -30,16 +34,23 @@ class BuildArgs:
     force: bool = False
     """Rebuild even if a world with the same config fingerprint is already there."""
 
-    world: dict = field(default_factory=dict)
-    """Overrides of `WorldConfig` fields."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """`WorldConfig` fields; only those given on the command line override the preset."""
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Parse `argv` (dot-list overrides), build or reuse the world, print its summary, return its folder."""
-    args = OmegaConf.merge(
-        OmegaConf.structured(BuildArgs), OmegaConf.from_dotlist(argv if argv is not None else sys.argv[1:])
-    )
-    overrides = OmegaConf.to_container(args.world, resolve=True)
+ConfigStore.instance().store(name="world_build_schema", node=BuildArgs)
+
+
+def given_world_fields(overrides: list[str]) -> set[str]:
+    """The `WorldConfig` fields a list of command-line overrides sets: `world.seed=3` -> `seed`."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
+    return {key.split(".")[1] for key in keys if key.startswith("world.")}
+
+
+def build(args: DictConfig, world_fields: set[str]) -> Path:
+    """Build or reuse the world `args` describe (`world_fields`: the fields set over the preset); return its folder."""
+    values = OmegaConf.to_container(args.world, resolve=True)
+    overrides = {name: values[name] for name in world_fields}
     try:
         cfg = WorldConfig.preset(args.preset, **overrides)
     except ValueError as err:
@@ -50,6 +61,12 @@ def main(argv: list[str] | None = None) -> Path:
     summary = {k: info[k] for k in ("fingerprint", "num_image_tokens", "counts", "timings_s", "metrics")}
     print(json.dumps(summary, indent=2))
     return out
+
+
+@hydra_app("world_build", schemas={"": BuildArgs})
+def main(args: DictConfig) -> None:
+    """Hydra entry point; see `conf/world_build.yaml`."""
+    build(args, given_world_fields(list(HydraConfig.get().overrides.task)))
 
 
 if __name__ == "__main__":

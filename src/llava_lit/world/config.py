@@ -91,10 +91,10 @@ class WorldConfig:
     align_mixed_orders: bool = False
     """Draw stage-1 captions from all four `CAPTION_FORMS` word orders, as the LM text is, instead of the first only.
 
-    Measured with existence answers that opened with the verdict ("No, there is no red square."; heads of 64).
-    Off: stage 2 learned existence in 2 of 3 runs (85, 84; 54) and the look-ups by shape and position in 2 of 3.
-    On: those look-ups in every run and existence in none (49-61). The current answers (colors of the asked
-    shape first, verdict last) were measured with it off. `docs/benchmarks.md` has the runs.
+    Off by default: on, stage 2 learns the look-ups by shape and position in every run but existence in none
+    (49-61 %); off, each in 2 of 3 runs (existence 85, 84; 54), with verdict-first existence answers ("No,
+    there is no red square."; heads of 64). The default's answers (colors of the asked shape first, verdict
+    last) are measured with it off. `docs/benchmarks.md` has the runs.
     """
 
     text_only_fraction: float = 0.05
@@ -104,10 +104,9 @@ class WorldConfig:
     """Share of stage-2 records that state a scene in words and ask existence questions about it (text only).
 
     See `dialogues.exist_reading_records`: practice of the existence verdict's comparison without an image. At
-    0.25 the verdict followed the colors the model named in every answer of the runs measured (existence 92 and
-    88, batch orders 2 and 42); at 0.12 in three runs of four (85-91) and against them in 32 of 100 answers in
-    the fourth (68, batch order 2); without them (0) existence scored 61 and 71, the verdict against the named
-    colors in 29-37 answers (`docs/benchmarks.md`).
+    0.25 the verdict follows the colors the model names in every answer (existence 92 and 88 in batch orders 2
+    and 42); at 0.12 it goes against them in one run of four (32 of 100 answers, existence 68), and without
+    these records (0) in 29-37 answers of every run (existence 61 and 71; `docs/benchmarks.md`).
     """
 
     position_contrast: bool = True
@@ -166,9 +165,9 @@ class WorldConfig:
     llm_head_dim: int | None = 64
     """Width of each attention head; None = llm_hidden_size / llm_heads (LLaMA's usual split, 32 here).
 
-    Heads of 64 (attention 256 wide in a 128-wide model, 1.3x the cost of a stage-2 step) learned existence ("Is
+    Heads of 64 (attention 256 wide in a 128-wide model, 1.3x the cost of a stage-2 step) learn existence ("Is
     there a red square?") in 2 of 3 runs (85, 84; 54), heads of 32 in none (51 on the same world and stage 1),
-    both with the earlier verdict-first existence answers ("No, there is no red square.").
+    with verdict-first existence answers ("No, there is no red square.").
     """
 
     llm_max_positions: int = 512

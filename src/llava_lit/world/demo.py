@@ -29,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from llava_lit.hydra_app import hydra_app
 from llava_lit.world.build import load_world_info
 from llava_lit.world.evaluate import compose_train, no_stage1_dir, no_stage1_overrides, override_key
 
@@ -86,9 +90,8 @@ def side_by_side_threads(cfg_accelerator: str, overrides: list[str], cores: int 
     return cores // 2
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the demo with `argv` (the `key=value` overrides of `python -m llava_lit.train`); returns step times."""
-    overrides = sys.argv[1:] if argv is None else argv
+def run(overrides: list[str]) -> dict[str, float]:
+    """Run the demo with `overrides` (the `key=value` overrides of `python -m llava_lit.train`); returns step times."""
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, _forward)
     cfg = compose_train(overrides)
@@ -138,6 +141,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     times["total"] = time.perf_counter() - start
     print("demo wall time: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in times.items()), flush=True)
     return times
+
+
+@hydra_app("world_app")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (`conf/world_app.yaml`): the same `key=value` overrides as `python -m llava_lit.train`."""
+    run(list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

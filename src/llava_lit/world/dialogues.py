@@ -185,10 +185,10 @@ def exist_qa(scene: Scene, cfg: WorldConfig, rng: random.Random) -> QA:
     teaches it in every existence question; the verdict then compares the color just named with the asked one.
     With a quarter of the questions asking for a present shape in another color, "yes whenever the shape is
     there" scored 75 %, and runs that learned the look-up still answered "The square is blue, so yes." to "Is
-    there a yellow square?" in half of those cases; at 40 % that shortcut is worth 60 % and the verdict followed
-    the named colors in every answer of the run measured (docs/benchmarks.md). Answers that open with the verdict
-    ("No, there is no red circle.") were learned in 2 of 6 runs of an earlier default. The comparison itself is
-    practised on text too (`exist_reading_records`).
+    there a yellow square?" in half of those cases; at 40 % that shortcut is worth 60 % and the verdict follows
+    the named colors in every answer (docs/benchmarks.md). Answers that open with the verdict ("No, there is no
+    red circle.") are learned in 2 of 6 runs. The comparison itself is practised on text too
+    (`exist_reading_records`).
     """
     present = {(o.color, o.shape) for o in scene.objects}
     draw = rng.random()
@@ -299,11 +299,11 @@ def same_shape_position_qas(scene: Scene, position_qas: list[QA]) -> list[QA]:
     """The position questions of every object that shares its shape with another object of the scene.
 
     "Where is the green circle?" beside a blue circle can only be answered by the color; with one circle the shape
-    alone finds it. Stage 2 learned the shortcut: held-out position questions scored 82-86 % where the asked
-    shape was unique and 41-55 % where it was shared, nearly every such miss naming the slot of the other
-    object of that shape. Asking about each object of the shared shape in the same conversation makes the
-    color the only way to answer both: 86-90 % on shared shapes, 93 and 97 % overall, in two batch orders
-    (docs/benchmarks.md). No random draw, so every other record stays as it was.
+    alone finds it. Without these questions stage 2 learns that shortcut: held-out position questions score
+    82-86 % where the asked shape is unique and 41-55 % where it is shared, nearly every such miss naming the
+    slot of the other object of that shape. Asking about each object of the shared shape in the same
+    conversation makes the color the only way to answer both: 86-90 % on shared shapes, 93 and 97 % overall, in
+    two batch orders (docs/benchmarks.md). It draws no random numbers, so the other records do not depend on it.
     """
     shared = {o.shape for o in scene.objects if sum(p.shape == o.shape for p in scene.objects) > 1}
     by_slot = {qa.key: qa for qa in position_qas}  # one object per slot

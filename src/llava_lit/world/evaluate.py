@@ -1,6 +1,7 @@
 """`python -m llava_lit.world.evaluate`: the proof that the miniature LLaVA learned, with its two ablations.
 
-Run after `stage=align` and `stage=finetune`, with the same overrides (it composes `conf/train.yaml`):
+Run after `stage=align` and `stage=finetune`, with the same overrides (a Hydra app over `conf/world_app.yaml`, which
+extends `conf/train.yaml`; it composes each stage's config from the same overrides):
 
     python -m llava_lit.train stage=align
     python -m llava_lit.train stage=finetune
@@ -24,7 +25,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from llava_lit.eval.__main__ import evaluate
 from llava_lit.eval.report import Metrics
-from llava_lit.eval.world import WorldBenchmark
-from llava_lit.hydra_app import compose_config
+from llava_lit.eval.run import evaluate
+from llava_lit.hydra_app import compose_config, hydra_app
+from llava_lit.world.benchmark import WorldBenchmark
 from llava_lit.world.build import load_world_info
 from llava_lit.world.config import WorldConfig
 from llava_lit.world.scenes import blank_image
@@ -221,10 +221,10 @@ def run(overrides: list[str]) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: the same `key=value` overrides as `python -m llava_lit.train`."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    run(sys.argv[1:] if argv is None else argv)
+@hydra_app("world_app")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (`conf/world_app.yaml`): the same `key=value` overrides as `python -m llava_lit.train`."""
+    run(list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":
