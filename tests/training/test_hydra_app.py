@@ -35,6 +35,8 @@ ENTRY_POINTS = {
     "generate": "llava_lit.generate",
     "export": "llava_lit.export",
     "convert": "llava_lit.convert",
+    "world_build": "llava_lit.world.__main__",
+    "world_app": "llava_lit.world.evaluate",
 }
 """Each primary config and the module whose `hydra_app` declares it."""
 
