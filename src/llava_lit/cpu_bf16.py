@@ -2,7 +2,7 @@
 
 With AMX or AVX512-BF16, bf16 matmuls run natively and bf16 autocast trains the tiny world models faster than fp32
 (stage 2 1.2x, the world's CLIP and LLM pretraining 1.04x and 1.2x on 2 AMX cores). Without them (AVX2-only
-CPUs) oneDNN emulates bf16 by converting to fp32 and back, and the same world build runs ~15x slower than in fp32.
+CPUs) bf16 is emulated: a CLIP pretraining step of the world took about 5 s in bf16 against 0.6 s in fp32.
 A CPU run whose precision is left unset therefore takes bf16 where it is native and fp32 elsewhere.
 """
 

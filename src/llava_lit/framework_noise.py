@@ -18,6 +18,9 @@ WARNINGS: dict[str, str] = {
         "the shard stream splits shards over ranks and workers itself, so the length it reports is exact "
         "(llava_lit.datamodule)"
     ),
+    r"`is_gradient_checkpointing` is deprecated": (
+        "peft's adapter set-up asks transformers an API that transformers deprecates; nothing in a run can change it"
+    ),
     r"Found \d+ module\(s\) in eval mode at the start of training": (
         "the frozen parts (the vision tower; the LLM in align) stay in eval mode on purpose (llava_lit.stages)"
     ),
