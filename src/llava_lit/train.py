@@ -138,6 +138,11 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def run_lora_settings(cfg: DictConfig) -> LoraSettings:
+    """The run's `module.lora` settings (disabled when the node is absent)."""
+    return LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+
+
 def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataModule]:
     """Datamodule, tokenizer, model (with its starting weights) and LightningModule from the config.
 
@@ -151,7 +156,7 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     `cfg.model`, so checkpoints of this run record what was actually trained, and the model is built once with
     the read weights as its parameters.
     """
-    lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+    lora_settings = run_lora_settings(cfg)
     strategy = cfg.trainer.get("strategy")
     sharded = isinstance(strategy, Mapping) and "ModelParallel" in str(strategy.get("_target_", ""))
     check_lora_supported(lora_settings, stage=cfg.stage.name, sharded=sharded, init_from=cfg.get("init_from"))
@@ -229,7 +234,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
     A callback set to null (`++callbacks.<name>=null`) is left out.
     """
-    lora_settings = LoraSettings.from_node(OmegaConf.to_container(cfg.module.get("lora") or {}, resolve=True))
+    lora_settings = run_lora_settings(cfg)
     callbacks: list[L.Callback] = [
         StageFreezer(cfg.stage.name, cfg.stage.train_vision_tower, lora=lora_settings)
     ]
