@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from llava_lit.cache import cache_dir
 from llava_lit.conversation import TEMPLATES
@@ -43,7 +44,7 @@ from llava_lit.interop import import_hf, import_official
 from llava_lit.interop.import_lora import import_official_lora, is_official_lora
 from llava_lit.interop.pretrained import PretrainedLlava, read_config_json
 from llava_lit.lora_loading import build_lora_model, is_lora_run
-from llava_lit.model.llava import LlavaModelConfig
+from llava_lit.model.llava import LlavaModel, LlavaModelConfig
 from llava_lit.untrusted import ConfigRefused, check_plain_data
 
 MODULE_PREFIX = "model."
@@ -207,25 +208,30 @@ def read_checkpoint(source: str | Path, *, workdir: str | Path | None = None) ->
 
 def _read_lightning_file(path: Path, source: str) -> PretrainedLlava:
     """Our Lightning checkpoint file: run config checked first, then the model's tensors (memory-mapped)."""
+    run_config, state_dict = load_lightning_file(path)
+    if is_lora_run(run_config):
+        model, _ = build_lora_run(run_config, state_dict, source=source)
+        return _trained(run_config, dict(model.state_dict()), source)
+    return _trained(run_config, _strip_module_prefix(state_dict, path), source)
+
+
+def load_lightning_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A Lightning checkpoint file's checked run config and its `state_dict` (memory-mapped, `model.` keys)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     run_config = checked_run_config(checkpoint, path)
     if "state_dict" not in checkpoint:
         raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
-    if is_lora_run(run_config):
-        return _trained_lora(run_config, checkpoint.pop("state_dict"), source)
-    state = _strip_module_prefix(checkpoint.pop("state_dict"), path)
-    return _trained(run_config, state, source)
+    return run_config, checkpoint.pop("state_dict")
 
 
-def _trained_lora(
-    run_config: dict[str, Any], state: Mapping[str, torch.Tensor], source: str
-) -> PretrainedLlava:
-    """A LoRA run's checkpoint: its base (the run's `init_from`, else its model config) with the adapters merged,
-    as a `PretrainedLlava` whose state dict is the merged model's tensors."""
+def build_lora_run(
+    run_config: dict[str, Any], state_dict: Mapping[str, torch.Tensor], *, source: str, merge: bool = True
+) -> tuple[LlavaModel, PreTrainedTokenizerBase]:
+    """A LoRA run's model from its adapter-only `state_dict`: its base (the run's `init_from`, read here, else its
+    model config) with the adapters loaded, and merged unless `merge=False` (`lora_loading.build_lora_model`)."""
     init_from = run_config.get("init_from")
     base = read_checkpoint(init_from).build() if init_from else None
-    model, _ = build_lora_model(run_config, state, source=source, base=base)
-    return _trained(run_config, dict(model.state_dict()), source)
+    return build_lora_model(run_config, state_dict, source=source, base=base, merge=merge)
 
 
 def _read_distributed_dir(path: Path, source: str) -> PretrainedLlava:

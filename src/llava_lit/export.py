@@ -23,21 +23,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llava_lit.atomic_files import atomic_directory
 from llava_lit.checkpoint_reader import (
     CheckpointKind,
-    checked_run_config,
+    build_lora_run,
     classify_checkpoint,
-    read_checkpoint,
+    load_lightning_file,
 )
 from llava_lit.hydra_app import hydra_app
 from llava_lit.inference.loading import load_for_inference
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.interop.model_card import ModelCardInfo
-from llava_lit.lora_loading import build_lora_model, is_lora_run, write_peft_adapter
+from llava_lit.lora_loading import is_lora_run, write_peft_adapter
 from llava_lit.model.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -109,17 +108,12 @@ def export_peft_adapter(checkpoint: Path, out: Path) -> Path:
         raise SystemExit(f"out={out} exists and is not an empty folder")
     if classify_checkpoint(checkpoint) is not CheckpointKind.LIGHTNING_FILE:
         raise SystemExit(f"lora_format=peft: {checkpoint} is not a Lightning checkpoint file of a LoRA run")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    run_config = checked_run_config(state, checkpoint)
+    run_config, state_dict = load_lightning_file(checkpoint)
     if not is_lora_run(run_config):
         raise SystemExit(
             f"lora_format=peft: {checkpoint} is not a LoRA checkpoint (its run config has no module.lora)"
         )
-    init_from = run_config.get("init_from")
-    start = read_checkpoint(init_from).build() if init_from else None
-    model, _ = build_lora_model(
-        run_config, state["state_dict"], source=str(checkpoint), base=start, merge=False
-    )
+    model, _ = build_lora_run(run_config, state_dict, source=str(checkpoint), merge=False)
     base = run_config.get("init_from") or run_config["model"]["language_model"]["name_or_path"]
     with atomic_directory(out) as staging:
         write_peft_adapter(model, staging, base=str(base))
