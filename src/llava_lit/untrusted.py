@@ -125,6 +125,10 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
             return value
     elif annotation is Any:
         return check_plain_data(value, where)
+    elif origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (list, tuple)):
+            return [_typed(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
     elif origin is dict:
         key_type, _ = typing.get_args(annotation)
         if isinstance(value, Mapping) and all(isinstance(k, key_type) for k in value):

@@ -1,8 +1,9 @@
 """`LlavaModel`: vision tower -> projector -> splice into the token embeddings -> language model.
 
-The data pipeline has already expanded every `<image>` into `num_image_tokens` copies of `image_token_id`; the
-splice overwrites exactly those positions with projected image features, the k-th run (in row-major order of
-`input_ids`) taking the k-th image of `pixel_values`. Nothing is re-padded or re-ordered, so attention masks,
+The data pipeline has already expanded every `<image>` into `image_tokens(height, width)` copies of
+`image_token_id` (a fixed `num_image_tokens` per image, or with AnyRes tiling a count set by the image's size);
+the splice overwrites exactly those positions with projected image features, the k-th run (in row-major order of
+`input_ids`) taking the k-th image. Nothing is re-padded or re-ordered, so attention masks,
 labels and position ids computed by the data pipeline stay valid, and a batch without images never touches the
 vision tower (the official code pushes a zero image through CLIP for text-only batches).
 
@@ -13,6 +14,7 @@ shift, belongs to the LightningModule.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from llava_lit.constants import IMAGE_TOKEN
+from llava_lit.image_tiling import AnyResSettings, TileLayout
+from llava_lit.images import processor_output_size
+from llava_lit.model.anyres import pack_image_features
 from llava_lit.model.language_model import (
     LanguageModelConfig,
     build_language_model,
@@ -51,7 +56,8 @@ class LlavaModel(nn.Module):
 
     Submodules: `vision_tower` (`VisionTower`), `projector` (`nn.Linear` / `nn.Sequential` / `nn.Identity`),
     `language_model` (the HF `*ForCausalLM`). `decoder_layers` and `vision_tower.blocks` are the units to wrap for
-    FSDP and activation checkpointing.
+    FSDP and activation checkpointing. With AnyRes tiling (`anyres`), each image arrives as its whole view plus
+    tiles, and the projector holds the learned row-end vector `image_newline` (it trains with the projector).
     """
 
     def __init__(
@@ -60,12 +66,19 @@ class LlavaModel(nn.Module):
         projector: nn.Module,
         language_model: PreTrainedModel,
         image_token_id: int,
+        anyres: AnyResSettings | None = None,
     ) -> None:
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.language_model = language_model
         self.image_token_id = int(image_token_id)
+        self.tile_layout = None if anyres is None else tile_layout_of(vision_tower, anyres)
+        """The AnyRes tiling this model reads images with; None for one `num_image_tokens` view per image."""
+        if anyres is not None and anyres.newline and getattr(projector, "image_newline", None) is None:
+            raise ValueError(
+                "an AnyRes model with anyres.newline needs projector.image_newline (add_image_newline)"
+            )
         vocab = language_model.get_input_embeddings().weight.shape[0]
         if not 0 <= self.image_token_id < vocab:
             raise ValueError(
@@ -75,8 +88,14 @@ class LlavaModel(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens per image that the data pipeline must emit."""
+        """Placeholder tokens per image view (per image without AnyRes; the whole view's share with it)."""
         return self.vision_tower.num_image_tokens
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Placeholder tokens the data pipeline must emit for an image of `height` x `width` pixels."""
+        if self.tile_layout is None:
+            return self.num_image_tokens
+        return self.tile_layout.num_tokens(height, width)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -92,45 +111,81 @@ class LlavaModel(nn.Module):
             features = features.to(proj_param.dtype)
         return self.projector(features)  # [N, T, D]
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with every image-placeholder run replaced by that image's projected features.
 
-        Raises `ValueError` when the number of placeholder positions does not equal
-        `len(pixel_values) * num_image_tokens`, or when a run is cut (not `num_image_tokens` consecutive positions
-        in one row).
+        `pixel_values` holds one view per image (`[N, 3, H, W]`), or with AnyRes every image's whole view and
+        tiles, image after image (`[sum of tiles, 3, H, W]`), with `image_sizes` (`[N, 2]`, height and width of
+        each original image). All views go through the tower in one batch. Raises `ValueError` when the number
+        of placeholder positions does not equal the images' token counts, or when a run is cut (not that
+        image's count of consecutive positions in one row).
         """
         # input_ids: [B, L]
         embeds = self.language_model.get_input_embeddings()(input_ids)  # [B, L, D]
         image_mask = input_ids == self.image_token_id  # [B, L]
         n_positions = int(image_mask.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        per_image = self.num_image_tokens
-        if n_positions != n_images * per_image:
-            raise ValueError(
-                f"the batch has {n_positions} image-token positions (id {self.image_token_id}) but {n_images} "
-                f"images x {per_image} tokens per image = {n_images * per_image}; the data pipeline must expand "
-                "each <image> into num_image_tokens placeholders and pass one image per run"
-            )
-        if n_images == 0:
-            return embeds
-        if pixel_values.ndim != 4:
+        if pixel_values is not None and pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [N, 3, H, W], got shape {tuple(pixel_values.shape)}")
-        self._check_image_runs(image_mask, per_image)
-        features = self.encode_images(pixel_values)  # [N, T, D]
+        counts = self._image_token_counts(pixel_values, image_sizes)
+        if n_positions != sum(counts):
+            raise ValueError(
+                f"the batch has {n_positions} image-token positions (id {self.image_token_id}) but "
+                f"{len(counts)} images take {sum(counts)} tokens; the data pipeline must expand each <image> "
+                "into image_tokens(height, width) placeholders and pass one image per run"
+            )
+        if not counts:
+            return embeds
+        self._check_image_runs(image_mask, counts)
+        features = self.encode_images(pixel_values)  # [N, T, D] (AnyRes: N = all tiles)
+        if self.tile_layout is None:
+            features = features.flatten(0, 1)  # [N * T, D]
+        else:
+            newline = getattr(self.projector, "image_newline", None)
+            sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+            features = pack_image_features(features, sizes, self.tile_layout, newline)  # [sum counts, D]
         # masked_scatter fills the True positions in row-major order: run k <- image k.
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))  # [B, L, D]
 
+    def _image_token_counts(
+        self, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+    ) -> list[int]:
+        """Placeholder tokens of each image in the batch, checked against the views in `pixel_values`."""
+        n_views = 0 if pixel_values is None else pixel_values.shape[0]
+        if self.tile_layout is None:
+            return [self.num_image_tokens] * n_views
+        if n_views == 0:
+            return []
+        if image_sizes is None or image_sizes.ndim != 2 or image_sizes.shape[1] != 2:
+            raise ValueError(
+                "an AnyRes model needs image_sizes [N, 2] (height, width of each image) with its pixels"
+            )
+        sizes = image_sizes.tolist()
+        tiles = sum(self.tile_layout.num_tiles(h, w) for h, w in sizes)
+        if tiles != n_views:
+            raise ValueError(
+                f"image_sizes call for {tiles} tiles (whole views included) but pixel_values has {n_views}"
+            )
+        return [self.tile_layout.num_tokens(h, w) for h, w in sizes]
+
     @staticmethod
-    def _check_image_runs(image_mask: torch.Tensor, per_image: int) -> None:
-        """Every consecutive group of `per_image` placeholder positions must be one unbroken run in one row."""
+    def _check_image_runs(image_mask: torch.Tensor, counts: list[int]) -> None:
+        """The placeholder positions, taken in order `counts[k]` at a time, must each be one unbroken run in
+        one row."""
         seq_len = image_mask.shape[1]
-        positions = image_mask.flatten().nonzero().squeeze(1).view(-1, per_image)  # [N, T] flat indices
-        first, last = positions[:, 0], positions[:, -1]
-        unbroken = (last - first == per_image - 1) & (first // seq_len == last // seq_len)
+        positions = image_mask.flatten().nonzero().squeeze(1)  # [sum counts] flat indices
+        lengths = torch.tensor(counts, device=positions.device)
+        ends = lengths.cumsum(0)  # [N]
+        first, last = positions[ends - lengths], positions[ends - 1]
+        unbroken = (last - first == lengths - 1) & (first // seq_len == last // seq_len)
         if not bool(unbroken.all()):
             bad = int((~unbroken).nonzero()[0, 0])
             raise ValueError(
-                f"image-token run {bad} is not {per_image} consecutive positions in one row (row "
+                f"image-token run {bad} is not {counts[bad]} consecutive positions in one row (row "
                 f"{int(first[bad]) // seq_len}); was a sequence truncated inside an image?"
             )
 
@@ -140,6 +195,7 @@ class LlavaModel(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         *,
+        image_sizes: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
@@ -158,11 +214,13 @@ class LlavaModel(nn.Module):
         token). For flash-attention the rows are flattened into one, the layout its variable-length path reads
         from position ids. Needs no cache, and an implementation in `packing.PACKING_ATTENTION`.
 
+        `image_sizes`: each image's (height, width), for an AnyRes model (see `embed_inputs`).
+
         `return_hidden` returns the decoder's output (`last_hidden_state: [B, L, D]`, after the final norm), for a
         loss that applies the LM head itself (`loss.fused_next_token_loss`).
         """
-        # input_ids: [B, L]; attention_mask: [B, past + L]; pixel_values: [N, 3, H, W] | None
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)  # [B, L, D]
+        # input_ids: [B, L]; attention_mask: [B, past + L]; pixel_values: [N, 3, H, W] | None; image_sizes: [N, 2]
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)  # [B, L, D]
         if packed:
             return self._forward_packed(
                 inputs_embeds, position_ids, past_key_values, use_cache, return_hidden
@@ -208,6 +266,27 @@ class LlavaModel(nn.Module):
         return out
 
 
+def tile_layout_of(tower: VisionTower, anyres: AnyResSettings) -> TileLayout:
+    """`anyres` bound to `tower`: its input side and feature grid. AnyRes lays out patch features only."""
+    if tower.select_feature != "patch":
+        raise ValueError(f"AnyRes needs vision_tower.select_feature=patch, not {tower.select_feature!r}")
+    grid = math.isqrt(tower.num_image_tokens)
+    if grid * grid != tower.num_image_tokens:
+        raise ValueError(
+            f"AnyRes needs a square feature grid; the tower gives {tower.num_image_tokens} tokens"
+        )
+    base = processor_output_size(tower.image_processor)
+    if base[0] != base[1]:
+        raise ValueError(f"AnyRes needs a square tower input, not {base[0]}x{base[1]}")
+    return TileLayout(anyres, base=base[0], feature_grid=grid)
+
+
+def add_image_newline(projector: nn.Module, dim: int) -> None:
+    """Give `projector` the learned AnyRes row-end vector `image_newline` [dim], drawn as LLaVA-NeXT does
+    (normal, std 1/sqrt(dim))."""
+    projector.register_parameter("image_newline", nn.Parameter(torch.randn(dim) / math.sqrt(dim)))
+
+
 def image_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id of `<image>` in `tokenizer`, with a clear error when the tokenizer was loaded without it."""
     vocab = tokenizer.get_vocab()
@@ -234,6 +313,9 @@ class LlavaModelConfig:
     """The SentencePiece tokenizer's `legacy` mode (it changes the ids of text after special tokens); None = the
     tokenizer folder's own setting, else legacy (see `tokenization.load_tokenizer`). Training records the mode
     it used here, so inference and exports never flip it."""
+    anyres: AnyResSettings | None = None
+    """AnyRes tiling (LLaVA-NeXT): grid pinpoints, unpad, newline; None reads each image as one tower view.
+    Set together with `data.image_aspect=anyres`."""
 
     @property
     def tokenizer_source(self) -> str:
@@ -300,6 +382,7 @@ class LlavaModelConfig:
             tokenizer=tokenizer,
             device=device,
             empty_weights=empty_weights,
+            anyres=self.anyres,
         )
 
 
@@ -315,6 +398,7 @@ def build_llava(
     empty_weights: Collection[str] = (),
     quantization: dict[str, Any] | None = None,
     quantized_device: str = "cpu",
+    anyres: AnyResSettings | dict[str, Any] | None = None,
 ) -> LlavaModel:
     """Build a `LlavaModel` (the Hydra target of `conf/model/*.yaml`).
 
@@ -328,12 +412,16 @@ def build_llava(
     config node can be instantiated as is.
     `quantization` and `quantized_device` load the language model quantized (QLoRA,
     `lora.quantization_arguments`); `device` then places the rest.
+    `anyres` makes it an AnyRes model (`LlavaModelConfig.anyres`); with its newline the projector gets
+    `image_newline`.
     """
     del tokenizer_name_or_path, tokenizer_legacy  # consumed by the tokenizer loader, see docstring
     if isinstance(vision_tower, dict):
         vision_tower = VisionTowerConfig(**vision_tower)
     if isinstance(language_model, dict):
         language_model = LanguageModelConfig(**language_model)
+    if isinstance(anyres, dict):
+        anyres = AnyResSettings(**anyres)
     unknown = set(empty_weights) - set(MODEL_PARTS)
     if unknown:
         raise ValueError(f"empty_weights names unknown parts {sorted(unknown)}; parts: {list(MODEL_PARTS)}")
@@ -355,7 +443,9 @@ def build_llava(
             resize_embeddings_for_tokenizer(lm, len(tokenizer), language_model.pad_vocab_to_multiple_of)
         with init_empty_weights(include_buffers=False) if "projector" in empty_weights else nullcontext():
             proj = build_projector(projector, tower.hidden_size, lm.get_input_embeddings().embedding_dim)
-    model = LlavaModel(tower, proj, lm, image_token_id)
+            if anyres is not None and anyres.newline:
+                add_image_newline(proj, lm.get_input_embeddings().embedding_dim)
+    model = LlavaModel(tower, proj, lm, image_token_id, anyres)
     if device is not None and not on_meta:
         model.to(device)
     return model
