@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-AspectMode = Literal["pad", "crop", "resize"]
+from llava_lit.image_tiling import TileLayout
+
+AspectMode = Literal["pad", "crop", "resize", "anyres"]
 PixelOutput = Literal["uint8", "normalized"]
 ResizeBackend = Literal["pil", "torch"]
 RESIZE_BACKENDS: tuple[str, ...] = typing.get_args(ResizeBackend)
@@ -287,7 +289,8 @@ class ImageLoader:
     """The image processor shipped with the vision tower's checkpoint (e.g. `CLIPImageProcessor`)."""
     aspect: AspectMode = "pad"
     """`pad`: pad to square with the processor mean (LLaVA-1.5, nothing cropped); `crop`: shortest-edge resize +
-    centre crop (CLIP default); `resize`: stretch to the output size."""
+    centre crop (CLIP default); `resize`: stretch to the output size; `anyres`: LLaVA-NeXT tiling, the whole view
+    and the tiles of `tile_layout` (`[1 + tiles, 3, H, W]` per image)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels than this are rejected before decoding."""
     output: PixelOutput = "uint8"
@@ -295,11 +298,20 @@ class ImageLoader:
     workers); `normalized`: FloatTensor pixels as the processor returns them."""
     resize: ResizeBackend = "pil"
     """`pil`: the processor's PIL resize, bit for bit (and the official LLaVA pixels); `torch`: torch's uint8
-    antialiased resize, about 3x faster, within a couple of 8-bit levels of PIL on under 1 % of the pixels."""
+    antialiased resize, about 3x faster, within a couple of 8-bit levels of PIL on under 1 % of the pixels.
+    AnyRes tiles are always resized with PIL."""
+    tile_layout: TileLayout | None = None
+    """The AnyRes tiling (from the model, `LlavaModel.tile_layout`); needed with `aspect="anyres"` only."""
 
     def __post_init__(self) -> None:
         if self.aspect not in ASPECT_MODES:
-            raise ValueError(f"image aspect must be pad, crop or resize, got {self.aspect!r}")
+            raise ValueError(f"image aspect must be one of {list(ASPECT_MODES)}, got {self.aspect!r}")
+        if (self.aspect == "anyres") != (self.tile_layout is not None):
+            raise ValueError(
+                "image aspect 'anyres' goes with an AnyRes model (model.anyres set) and the other aspects with a "
+                f"one-view model; got aspect {self.aspect!r} with "
+                f"{'an AnyRes' if self.tile_layout is not None else 'a one-view'} model"
+            )
         if self.resize not in RESIZE_BACKENDS:
             raise ValueError(f"image resize must be pil or torch, got {self.resize!r}")
         if self.output not in PIXEL_OUTPUTS:
@@ -308,6 +320,15 @@ class ImageLoader:
         self._size = processor_output_size(self.image_processor)
         self._geometry = processor_geometry(self.image_processor)
         self._table = pixel_table(self.image_processor) if self._geometry is not None else None
+        if self.tile_layout is not None:
+            if self._geometry is None or self._table is None:
+                raise ValueError(
+                    f"AnyRes tiling needs a CLIP-style processor, not {type(self.image_processor).__name__}"
+                )
+            if self._size != (self.tile_layout.base, self.tile_layout.base):
+                raise ValueError(
+                    f"AnyRes tiles of {self.tile_layout.base} px for a tower that reads {self._size}"
+                )
 
     def prepare(self, image: Image.Image) -> Image.Image:
         """Apply the aspect mode to an RGB image (the processor then resizes/crops a square or exact-size image)."""
@@ -318,8 +339,16 @@ class ImageLoader:
             return image.resize((width, height), Image.Resampling.BICUBIC)
         return image
 
+    def decode(self, data: bytes) -> Image.Image:
+        """Image bytes -> RGB image, bounded by `max_pixels` (see `decode_image`)."""
+        return decode_image(data, max_pixels=self.max_pixels)
+
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess one decoded RGB image: [3, H, W], uint8 or float32 (see `output`)."""
+        """Preprocess one decoded RGB image: [3, H, W] (AnyRes: [1 + tiles, 3, H, W]), uint8 or float32 (see
+        `output`)."""
+        if self.tile_layout is not None:
+            tiles = self.tile_layout.tiles(image, self._geometry.resample)  # [1 + tiles, 3, H, W] uint8
+            return tiles if self.output == "uint8" else normalize_pixels(tiles, self._table)
         image = self.prepare(image)
         if self._geometry is not None and self._table is not None:
             pixels = resize_and_crop(image, self._geometry, self.resize)  # [3, H, W] uint8
@@ -328,5 +357,5 @@ class ImageLoader:
         return pixel_values[0]  # [1, 3, H, W] -> [3, H, W]
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        """Decode and preprocess one image: [3, H, W], uint8 or float32 (see `output`)."""
-        return self.pixels(decode_image(data, max_pixels=self.max_pixels))
+        """Decode and preprocess one image: [3, H, W] (AnyRes: [1 + tiles, 3, H, W]), uint8 or float32."""
+        return self.pixels(self.decode(data))
