@@ -21,7 +21,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, A
 
     Returns `ids`, `input_ids[B, Lmax]` (right-padded with `pad_token_id`), `attention_mask[B, Lmax]`,
     `labels[B, Lmax]` (padded with `IGNORE_INDEX`) and `pixel_values[N, 3, H, W]` holding every image in
-    reading order, or None when no sample has one.
+    reading order, or None when no sample has one; AnyRes samples (with `image_sizes`) add `image_sizes[n, 2]`.
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -29,14 +29,12 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, A
     labels = pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
     lengths = torch.tensor([len(s["input_ids"]) for s in samples])  # [B]
     attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()  # [B, Lmax]
-    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-    pixel_values = torch.cat(images, dim=0) if images else None  # [N, 3, H, W]
     return {
         "ids": [s["id"] for s in samples],
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": pixel_values,
+        **_images(samples),
     }
 
 
@@ -70,12 +68,22 @@ def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], pad_token_id: int) 
         last = len(row[-1]["input_ids"])
         position_ids[r, start:] = torch.arange(last, last + max_len - start)
     samples = [s for row in rows for s in row]
-    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
     return {
         "ids": [s["id"] for s in samples],
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "position_ids": position_ids,
-        "pixel_values": torch.cat(images, dim=0) if images else None,  # [N, 3, H, W]
+        **_images(samples),
     }
+
+
+def _images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`pixel_values[N, 3, H, W]`: every sample's images (AnyRes: their tiles) in order, or None; with AnyRes also
+    `image_sizes[n_images, 2]`, each image's (height, width)."""
+    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    out: dict[str, Any] = {"pixel_values": torch.cat(images, dim=0) if images else None}
+    if any("image_sizes" in s for s in samples):
+        sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
+        out["image_sizes"] = torch.cat(sizes) if sizes else torch.zeros((0, 2), dtype=torch.long)
+    return out

@@ -53,6 +53,7 @@ from transformers import PreTrainedTokenizerBase
 from llava_lit.collate import collate, collate_packed, supervised_tokens
 from llava_lit.constants import STEP_TOKENS_KEY
 from llava_lit.conversation import ChatTemplate, get_template
+from llava_lit.image_tiling import TileLayout
 from llava_lit.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SKIP_REASONS,
@@ -198,7 +199,8 @@ class SkipCounter:
 
 @dataclass
 class SampleEncoder:
-    """Raw shard sample → training sample (`id`, `input_ids`, `labels`, `pixel_values` or None)."""
+    """Raw shard sample → training sample (`id`, `input_ids`, `labels`, `pixel_values` or None, and with AnyRes
+    tiling `image_sizes`)."""
 
     tokenizer: PreTrainedTokenizerBase
     image_loader: ImageLoader
@@ -208,6 +210,8 @@ class SampleEncoder:
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         record, image_bytes = parse_sample(raw)
+        if self.image_loader.tile_layout is not None:
+            return self._encode_tiled(record, image_bytes)
         # Tokenize first: it is cheap, and a skipped sample then costs no image decode.
         encoded = encode_conversation(
             record["conversations"],
@@ -223,6 +227,28 @@ class SampleEncoder:
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
             "pixel_values": pixel_values,  # [n_images, 3, H, W] or None
+        }
+
+    def _encode_tiled(self, record: dict[str, Any], image_bytes: list[bytes]) -> dict[str, Any]:
+        """AnyRes: each image's size sets its token count, so the images are decoded before tokenizing."""
+        layout = self.image_loader.tile_layout
+        images = [self.image_loader.decode(b) for b in image_bytes]
+        sizes = [(image.height, image.width) for image in images]
+        encoded = encode_conversation(
+            record["conversations"],
+            tokenizer=self.tokenizer,
+            template=self.template,
+            num_image_tokens=[layout.num_tokens(h, w) for h, w in sizes],
+            max_length=self.max_length,
+            num_images=len(image_bytes),
+        )
+        tiles = [self.image_loader.pixels(image) for image in images]  # each [1 + tiles, 3, H, W]
+        return {
+            "id": str(record["id"]),
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "pixel_values": torch.cat(tiles) if tiles else None,  # [sum of tiles, 3, H, W] or None
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2),  # [n_images, 2] (height, width)
         }
 
 
@@ -623,6 +649,7 @@ class LlavaDataModule(L.LightningDataModule):
         tokenizer: PreTrainedTokenizerBase | None = None,
         image_processor: Any = None,
         num_image_tokens: int | None = None,
+        tile_layout: TileLayout | None = None,
         template: str = "vicuna_v1",
         system_prompt: str | None = None,
         max_length: int = 2048,
@@ -650,10 +677,12 @@ class LlavaDataModule(L.LightningDataModule):
         tokenizer / image_processor / num_image_tokens: what the model reads its inputs with; given here or
             later through `attach_model_inputs` (the training entry point builds the data module, runs its
             `prepare_data()`, and only then the model these come from).
+        tile_layout: the AnyRes tiling of an AnyRes model (`LlavaModel.tile_layout`, with `image_aspect=anyres`):
+            each image's token count then follows from its size.
         template: chat template name (`plain` for stage 1, `vicuna_v1` for stage 2).
         system_prompt: replaces the template's system prompt (`""` for none); None keeps the template's.
         max_length: longest sample in tokens, image runs expanded; longer samples are truncated or skipped.
-        image_aspect: `pad`, `crop` or `resize` (see `images.ImageLoader`).
+        image_aspect: `pad`, `crop`, `resize` or `anyres` (see `images.ImageLoader`).
         image_resize: `pil` (the image processor's own resize, bit for bit) or `torch` (about 3x faster, within a
             couple of 8-bit levels); see `images.ImageLoader.resize`.
         micro_batch_size: samples per batch per rank.
@@ -700,6 +729,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
+        self.tile_layout = tile_layout
         self.source_specs = _as_specs(sources)
         self.val_specs = _as_specs(val_sources) if val_sources else []
         self.template = template
@@ -743,12 +773,18 @@ class LlavaDataModule(L.LightningDataModule):
         """Shards found missing or damaged by `setup()` (within `max_lost_fraction`, or setup raises)."""
 
     def attach_model_inputs(
-        self, *, tokenizer: PreTrainedTokenizerBase, image_processor: Any, num_image_tokens: int
+        self,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
+        num_image_tokens: int,
+        tile_layout: TileLayout | None = None,
     ) -> None:
-        """Set the tokenizer, image processor and image-token count of the model the data feeds."""
+        """Set the tokenizer, image processor, image-token count and AnyRes tiling of the model the data feeds."""
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
+        self.tile_layout = tile_layout
 
     def _require_model_inputs(self) -> None:
         if self.tokenizer is None or self.image_processor is None or self.num_image_tokens is None:
@@ -852,6 +888,7 @@ class LlavaDataModule(L.LightningDataModule):
                 aspect=self.image_aspect,
                 max_pixels=self.max_pixels,
                 resize=self.image_resize,  # type: ignore[arg-type]
+                tile_layout=self.tile_layout,
             ),
             template=get_template(self.template, system=self.system_prompt),
             num_image_tokens=self.num_image_tokens,

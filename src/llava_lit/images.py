@@ -276,6 +276,16 @@ def normalize_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table[channel, pixels.long()]  # [..., 3, H, W] float32
 
 
+@dataclass(frozen=True)
+class TiledImage:
+    """An image as an AnyRes model reads it: its whole view and tiles, and the size its token count follows from."""
+
+    pixels: torch.Tensor
+    """[1 + tiles, 3, H, W], uint8 or float32 (see `ImageLoader.output`), whole view first."""
+    size: tuple[int, int]
+    """(height, width) of the decoded image."""
+
+
 @dataclass
 class ImageLoader:
     """Bytes → pixels [3, H, W] for one vision tower: bounded decode, aspect handling, its processor's geometry.
@@ -356,6 +366,9 @@ class ImageLoader:
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
         return pixel_values[0]  # [1, 3, H, W] -> [3, H, W]
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        """Decode and preprocess one image: [3, H, W] (AnyRes: [1 + tiles, 3, H, W]), uint8 or float32."""
-        return self.pixels(self.decode(data))
+    def __call__(self, data: bytes) -> torch.Tensor | TiledImage:
+        """Decode and preprocess one image: [3, H, W], uint8 or float32; with AnyRes a `TiledImage`."""
+        image = self.decode(data)
+        if self.tile_layout is not None:
+            return TiledImage(self.pixels(image), (image.height, image.width))
+        return self.pixels(image)

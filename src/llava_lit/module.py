@@ -212,6 +212,7 @@ class LlavaLitModule(L.LightningModule):
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("pixel_values"),
+            image_sizes=batch.get("image_sizes"),
             position_ids=position_ids,
             packed=position_ids is not None,
             return_hidden=return_hidden,

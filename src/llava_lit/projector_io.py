@@ -52,11 +52,22 @@ def read_projector_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+NEWLINE_KEY = "image_newline"
+"""The AnyRes row-end vector's key in a projector's state dict (`model.llava.add_image_newline`)."""
+
+
 def load_projector(projector: nn.Module, path: str | Path) -> None:
-    """Load weights into `projector` strictly, with a clear error when shapes or keys disagree."""
+    """Load weights into `projector` strictly, with a clear error when shapes or keys disagree.
+
+    One exception: an AnyRes model's `image_newline` keeps its fresh draw when the file, a stage-1 projector
+    trained at base resolution (as LLaVA-NeXT's stage 1 is), has none.
+    """
     state = read_projector_weights(path)
     expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
+    if NEWLINE_KEY in expected and NEWLINE_KEY not in found:
+        del expected[NEWLINE_KEY]
+        log.info("%s has no %s: the AnyRes row-end vector starts from its fresh draw", path, NEWLINE_KEY)
     if expected != found:
         raise ValueError(
             f"Projector weights in {path} do not fit this model's projector.\n"
@@ -65,7 +76,8 @@ def load_projector(projector: nn.Module, path: str | Path) -> None:
         )
     with torch.no_grad():
         for key, param in projector.state_dict().items():
-            param.copy_(state[key].to(param.dtype))
+            if key in state:
+                param.copy_(state[key].to(param.dtype))
     log.info("Loaded projector weights from %s (%d tensors)", path, len(state))
 
 

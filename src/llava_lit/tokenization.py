@@ -153,11 +153,15 @@ def encode_conversation(
     *,
     tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate | str,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_length: int,
     num_images: int,
 ) -> EncodedSample:
-    """Render, tokenize once, mask by character spans, expand image markers, truncate. Raises `SkipSample`."""
+    """Render, tokenize once, mask by character spans, expand image markers, truncate. Raises `SkipSample`.
+
+    `num_image_tokens`: the placeholder run of every image, or one count per image in order (AnyRes, where an
+    image's count follows from its size).
+    """
     if isinstance(template, str):
         template = get_template(template)
     check_image_markers(conversations)
@@ -187,7 +191,14 @@ def encode_conversation(
     input_ids = token_ids
     run_ends = torch.zeros(0, dtype=torch.long)
     if found:
-        repeats = torch.where(is_image, num_image_tokens, 1)  # [T]
+        if isinstance(num_image_tokens, int):
+            counts = torch.full((found,), num_image_tokens, dtype=torch.long)  # [n_images]
+        else:
+            counts = torch.tensor(list(num_image_tokens), dtype=torch.long)  # [n_images]
+            if len(counts) != found:
+                raise ValueError(f"{len(counts)} image token counts for {found} images")
+        repeats = torch.ones_like(token_ids)  # [T]
+        repeats[is_image] = counts
         input_ids, labels = input_ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)  # [L]
         run_ends = repeats.cumsum(0)[is_image]  # [n_images]
 

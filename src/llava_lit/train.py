@@ -207,8 +207,18 @@ def build_components(cfg: DictConfig) -> tuple[LlavaLitModule, L.LightningDataMo
     if cfg.data.get("packing"):  # refused here, before any data is read, rather than at the first step
         check_packing_attention(model.language_model.config._attn_implementation)
     tower = model.vision_tower
+    if (model.tile_layout is not None) != (datamodule.image_aspect == "anyres"):
+        raise SystemExit(
+            f"data.image_aspect={datamodule.image_aspect} with model.anyres="
+            f"{'set' if model.tile_layout is not None else 'null'}: AnyRes tiling needs both "
+            "(data.image_aspect=anyres and model.anyres settings, as experiment=llava_next_* sets them), "
+            "a one-view model neither"
+        )
     datamodule.attach_model_inputs(
-        tokenizer=tokenizer, image_processor=tower.image_processor, num_image_tokens=tower.num_image_tokens
+        tokenizer=tokenizer,
+        image_processor=tower.image_processor,
+        num_image_tokens=tower.num_image_tokens,
+        tile_layout=model.tile_layout,
     )
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
     module = LlavaLitModule(

@@ -183,6 +183,8 @@ class Generator:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         images = [p.pixel_values for p in prompts if p.pixel_values is not None]
         pixel_values = torch.cat(images).to(device) if images else None  # [N, 3, H, W], row order
+        sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
+        image_sizes = torch.cat(sizes) if sizes else None  # [n_images, 2] (AnyRes)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -197,7 +199,7 @@ class Generator:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
         with torch.compiler.set_stance("force_eager"):
             if use_cache:
-                embeds = self.model.embed_inputs(input_ids, pixel_values)  # [B, L, D]
+                embeds = self.model.embed_inputs(input_ids, pixel_values, image_sizes)  # [B, L, D]
                 out = lm(
                     inputs_embeds=embeds,
                     attention_mask=attention_mask,
@@ -207,7 +209,7 @@ class Generator:
                 )
                 cache = out.cache
             else:
-                out = self.model(input_ids, attention_mask, pixel_values)
+                out = self.model(input_ids, attention_mask, pixel_values, image_sizes=image_sizes)
         logits = out.logits[:, -1]  # [B, V]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
@@ -245,7 +247,7 @@ class Generator:
                     )
                     cache = out.cache
                 else:
-                    out = self.model(input_ids, attention_mask, pixel_values)
+                    out = self.model(input_ids, attention_mask, pixel_values, image_sizes=image_sizes)
             logits = out.logits[:, -1]
 
 

@@ -31,9 +31,9 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_lit.checkpoint_reader import read_checkpoint
 from llava_lit.conversation import ChatTemplate, get_template
-from llava_lit.images import ImageLoader
+from llava_lit.images import ImageLoader, TiledImage
 from llava_lit.inference.generation import Generator
-from llava_lit.inference.prompts import Prompt, build_prompt
+from llava_lit.inference.prompts import Prompt, PromptError, build_prompt
 from llava_lit.interop.pretrained import PretrainedLlava
 from llava_lit.load_settings import LoadSettings
 from llava_lit.model import LlavaModel
@@ -56,7 +56,8 @@ class InferenceBundle:
     template: ChatTemplate
     """The chat template of the training data (`data.template`, with `data.system_prompt` if it set one)."""
     image_loader: ImageLoader
-    """Bytes -> FloatTensor[3, H, W] with the training aspect mode and the vision tower's processor."""
+    """Bytes -> Tensor[3, H, W] (AnyRes: a `TiledImage`) with the training aspect mode and the vision tower's
+    processor."""
     max_length: int | None
     """Longest sequence (prompt + answer) to allow: the language model's position limit."""
     model_id: str
@@ -69,8 +70,27 @@ class InferenceBundle:
         """Placeholder tokens per image."""
         return self.model.num_image_tokens
 
-    def prompt(self, turns: Sequence[Mapping[str, str]], images: Sequence[torch.Tensor] = ()) -> Prompt:
-        """A `Prompt` for `turns` (ending with a user turn) with preprocessed `images` ([3, H, W] each)."""
+    def prompt(
+        self, turns: Sequence[Mapping[str, str]], images: Sequence[torch.Tensor | TiledImage] = ()
+    ) -> Prompt:
+        """A `Prompt` for `turns` (ending with a user turn) with `images` as `image_loader` gives them
+        ([3, H, W] each, or `TiledImage`s for an AnyRes model)."""
+        tiled = [image for image in images if isinstance(image, TiledImage)]
+        if (self.model.tile_layout is not None) != bool(tiled) and images:
+            raise PromptError(
+                "an AnyRes model reads TiledImages (from its bundle's image_loader), a one-view model tensors"
+            )
+        if tiled:
+            if len(tiled) != len(images):
+                raise PromptError("all images of a prompt must be TiledImages for an AnyRes model")
+            return build_prompt(
+                turns,
+                tokenizer=self.tokenizer,
+                template=self.template,
+                num_image_tokens=[self.model.image_tokens(*image.size) for image in tiled],
+                pixel_values=torch.cat([image.pixels for image in tiled]),  # [sum of tiles, 3, H, W]
+                image_sizes=torch.tensor([image.size for image in tiled], dtype=torch.long),  # [n, 2]
+            )
         pixel_values = torch.stack(list(images)) if images else None
         return build_prompt(
             turns,
@@ -104,7 +124,11 @@ def bundle_from_model(
         model=model,
         tokenizer=tokenizer,
         template=get_template(data["template"], system=data.get("system_prompt")),
-        image_loader=ImageLoader(model.vision_tower.image_processor, aspect=data.get("image_aspect", "pad")),
+        image_loader=ImageLoader(
+            model.vision_tower.image_processor,
+            aspect=data.get("image_aspect", "pad"),
+            tile_layout=model.tile_layout,
+        ),
         max_length=int(max_length) if max_length else None,
         model_id=model_id or default_id,
         run_config=dict(run_config),

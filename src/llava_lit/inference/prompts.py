@@ -30,11 +30,16 @@ class Prompt:
     input_ids: list[int]
     """Token ids with every image run expanded, BOS included, ending at the assistant's header."""
     pixel_values: torch.Tensor | None
-    """FloatTensor[n_images, 3, H, W] in the order of the image runs, or None for a text-only prompt."""
+    """Tensor[n_images, 3, H, W] in the order of the image runs (AnyRes: every image's tiles, image after
+    image), or None for a text-only prompt."""
+    image_sizes: torch.Tensor | None = None
+    """LongTensor[n_images, 2], each image's (height, width), for an AnyRes model; None otherwise."""
 
     @property
     def num_images(self) -> int:
         """Images in this prompt."""
+        if self.image_sizes is not None:
+            return int(self.image_sizes.shape[0])
         return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
 
@@ -52,22 +57,28 @@ def build_prompt(
     *,
     tokenizer: PreTrainedTokenizerBase,
     template: ChatTemplate,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     pixel_values: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> Prompt:
     """Render, tokenize (BOS added as in training) and expand `turns` into a `Prompt`.
 
     `turns` are LLaVA (`from`/`value`) or chat (`role`/`content`) dicts ending with a user turn; each image is
-    an `<image>` marker in a user turn, matched in order with `pixel_values` ([n, 3, H, W]).
+    an `<image>` marker in a user turn, matched in order with `pixel_values` ([n, 3, H, W]). With AnyRes,
+    `image_sizes` ([n, 2]) gives the images and `num_image_tokens` one count per image.
     """
     text = render_prompt_text(turns, template)
     ids, _ = tokenize_with_images(text, tokenizer)
     img_id = image_token_id(tokenizer)
     found = sum(1 for token in ids if token == img_id)
-    expected = 0 if pixel_values is None else int(pixel_values.shape[0])
+    if image_sizes is not None:
+        expected = int(image_sizes.shape[0])
+    else:
+        expected = 0 if pixel_values is None else int(pixel_values.shape[0])
     if found != expected:
         raise PromptError(f"the conversation has {found} <image> markers but {expected} images were given")
+    counts = iter([num_image_tokens] * found if isinstance(num_image_tokens, int) else num_image_tokens)
     expanded: list[int] = []
     for token in ids:
-        expanded.extend([token] * num_image_tokens if token == img_id else [token])
-    return Prompt(input_ids=expanded, pixel_values=pixel_values)
+        expanded.extend([token] * next(counts) if token == img_id else [token])
+    return Prompt(input_ids=expanded, pixel_values=pixel_values, image_sizes=image_sizes)
