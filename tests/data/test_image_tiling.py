@@ -100,3 +100,72 @@ def test_select_best_resolution_prefers_less_waste_on_ties() -> None:
 def test_pinpoints_must_be_tile_multiples(bad: list) -> None:
     with pytest.raises(ValueError, match="grid_pinpoints"):
         _layout(grid_pinpoints=bad)
+
+
+def _png(height: int, width: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    _image(height, width).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_encoder_expands_each_image_to_its_own_count_and_collate_keeps_sizes(tiny_backbones) -> None:
+    """Two images of different shapes in one sample: two runs of their own lengths, tiles in order, sizes kept;
+    a sample whose truncation would cut a run is skipped, not cut."""
+    import json
+
+    from llava_lit.collate import collate, collate_packed
+    from llava_lit.conversation import get_template
+    from llava_lit.datamodule import SampleEncoder
+    from llava_lit.images import ImageLoader
+    from llava_lit.model.vision_tower import _clip_processor_for
+    from llava_lit.tokenization import SkipSample, image_token_id, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_backbones / "llm"))
+    layout = _layout(base=56, grid=4, grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+    loader = ImageLoader(_clip_processor_for(56), aspect="anyres", tile_layout=layout)
+    encoder = SampleEncoder(tokenizer, loader, get_template("vicuna_v1"), num_image_tokens=16, max_length=512)
+    conversation = [
+        {"from": "human", "value": "<image>\n<image>\nCompare them."},
+        {"from": "gpt", "value": "The first is wider."},
+    ]
+    record = {"id": "two", "conversations": conversation, "image_keys": ["0.png", "1.png"]}
+    raw = {"json": json.dumps(record).encode(), "0.png": _png(30, 90), "1.png": _png(100, 40)}
+    sample = encoder(raw)
+    image_id = image_token_id(tokenizer)
+    ids = sample["input_ids"].tolist()
+    runs, length = [], 0
+    for token in ids + [-1]:
+        if token == image_id:
+            length += 1
+        elif length:
+            runs, length = runs + [length], 0
+    assert runs == [layout.num_tokens(30, 90), layout.num_tokens(100, 40)]
+    assert sample["pixel_values"].shape == (layout.num_tiles(30, 90) + layout.num_tiles(100, 40), 3, 56, 56)
+    assert sample["image_sizes"].tolist() == [[30, 90], [100, 40]]
+    text = {"json": json.dumps({"id": "t", "conversations": conversation[:0] + [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}).encode()}  # fmt: skip
+    text_sample = encoder(text)
+    for batch in (collate([sample, text_sample], 0), collate_packed([[sample, text_sample]], 0)):
+        assert batch["image_sizes"].tolist() == [[30, 90], [100, 40]]
+        assert batch["pixel_values"].shape[0] == sample["pixel_values"].shape[0]
+    short = SampleEncoder(tokenizer, loader, get_template("vicuna_v1"), num_image_tokens=16, max_length=60)
+    with pytest.raises(SkipSample, match="truncation_cuts_image"):
+        short(raw)
+
+
+def test_loader_aspect_and_model_layout_must_agree() -> None:
+    from llava_lit.images import ImageLoader
+    from llava_lit.model.vision_tower import _clip_processor_for
+
+    with pytest.raises(ValueError, match="anyres"):
+        ImageLoader(_clip_processor_for(56), aspect="anyres")
+    with pytest.raises(ValueError, match="anyres"):
+        ImageLoader(
+            _clip_processor_for(56),
+            aspect="pad",
+            tile_layout=_layout(base=56, grid=4, grid_pinpoints=[[56, 112]]),
+        )
+    with pytest.raises(ValueError, match="tiles of 336"):
+        ImageLoader(_clip_processor_for(56), aspect="anyres", tile_layout=_layout())
