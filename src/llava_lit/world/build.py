@@ -28,6 +28,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -155,30 +156,17 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
             _write_jsonl(out / "eval" / "questions.jsonl", questions)
             _write_jsonl(out / "eval" / "answers_gt.jsonl", gold)
             advance()
-            train_docs = lm_documents(scenes["train"], cfg, rng)
-            heldout_docs = lm_documents(scenes["eval"], cfg, rng)
+            documents = None
+            if not cfg.backbones_from:  # the LM's pretraining texts
+                documents = lm_documents(scenes["train"], cfg, rng), lm_documents(scenes["eval"], cfg, rng)
             advance(2)
 
-        with step("tokenizer", 1) as advance:
-            tok_dir = out / "llm"
-            sentences = [p.strip() for d in train_docs for p in d.split("</s>") if p.strip()]
-            tok = train_tokenizer(sentences, cfg, tok_dir)
-            advance()
-
-        with step("clip pretraining", cfg.clip_steps) as advance:
-            clip, metrics["clip"] = train_clip(
-                torch.from_numpy(pixels["train"]), scenes["train"], tok, cfg, advance
-            )
-            metrics["clip"].update(
-                clip_quality(clip, torch.from_numpy(pixels["eval"]), scenes["eval"], tok, cfg)
-            )
-            save_clip(clip, cfg, out / "clip", out / "clip_full")
-            metrics["clip"]["patch_probe"] = _probe(out / "clip", pixels, scenes, cfg)
-
-        with step("llm pretraining", cfg.llm_steps) as advance:
-            llm, metrics["llm"] = train_llm(train_docs, heldout_docs, tok, cfg, advance)
-            metrics["llm"]["text_qa_accuracy"] = text_qa_accuracy(llm, tok, scenes["eval"][:150], cfg)
-            save_llm(llm, tok_dir, out / "llm")
+        if documents is None:
+            with step("backbones (reused)", 1) as advance:
+                metrics["backbones_from"] = _reuse_backbones(Path(cfg.backbones_from).expanduser(), out)
+                advance()
+        else:
+            _pretrain_backbones(cfg, out, scenes, pixels, documents, metrics, step)
 
         with step("shards", len(records)) as advance:
             metrics["shards"] = _write_shards(records, cfg, out, advance)
@@ -198,6 +186,50 @@ def _build(cfg: WorldConfig, out: Path) -> dict:
         "timings_s": timings,
         "metrics": metrics,
     }
+
+
+def _reuse_backbones(source: Path, out: Path) -> dict:
+    """Copy the tokenizer, CLIP and LLaMA of the built world at `source` into `out`."""
+    info = load_world_info(source)
+    if info is None:
+        raise FileNotFoundError(
+            f"backbones_from={source} is not a built world (no {INFO_NAME}); build it first with "
+            f"`python -m llava_lit.world paths.world_dir={source}`"
+        )
+    for part in ("llm", "clip", "clip_full"):
+        shutil.copytree(source / part, out / part)
+    return {"path": str(source), "fingerprint": info.get("fingerprint")}
+
+
+def _pretrain_backbones(
+    cfg: WorldConfig,
+    out: Path,
+    scenes: dict[str, list[Scene]],
+    pixels: dict[str, np.ndarray],
+    documents: tuple[list[str], list[str]],
+    metrics: dict[str, dict],
+    step: Callable,
+) -> None:
+    """Train the world's tokenizer, CLIP and LLaMA from its scenes and texts (train, held-out), into `out`."""
+    train_docs, heldout_docs = documents
+    with step("tokenizer", 1) as advance:
+        tok_dir = out / "llm"
+        sentences = [p.strip() for d in train_docs for p in d.split("</s>") if p.strip()]
+        tok = train_tokenizer(sentences, cfg, tok_dir)
+        advance()
+
+    with step("clip pretraining", cfg.clip_steps) as advance:
+        clip, metrics["clip"] = train_clip(
+            torch.from_numpy(pixels["train"]), scenes["train"], tok, cfg, advance
+        )
+        metrics["clip"].update(clip_quality(clip, torch.from_numpy(pixels["eval"]), scenes["eval"], tok, cfg))
+        save_clip(clip, cfg, out / "clip", out / "clip_full")
+        metrics["clip"]["patch_probe"] = _probe(out / "clip", pixels, scenes, cfg)
+
+    with step("llm pretraining", cfg.llm_steps) as advance:
+        llm, metrics["llm"] = train_llm(train_docs, heldout_docs, tok, cfg, advance)
+        metrics["llm"]["text_qa_accuracy"] = text_qa_accuracy(llm, tok, scenes["eval"][:150], cfg)
+        save_llm(llm, tok_dir, out / "llm")
 
 
 def _probe(
@@ -220,7 +252,7 @@ def _probe(
 
 def _render_split(scenes: list[Scene], cfg: WorldConfig, folder: Path, advance) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = np.empty((len(scenes), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    arrays = np.empty((len(scenes), cfg.render_size, cfg.render_size, 3), dtype=np.uint8)
     for i, scene in enumerate(scenes):
         img = render_scene(scene, cfg)
         img.save(folder / f"{scene.scene_id}.png", optimize=False)

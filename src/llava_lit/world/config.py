@@ -10,11 +10,17 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llava_lit.cpu_bf16 import has_native_bf16
 
 WORLD_FORMAT_VERSION = 11
 """Bumped whenever the build code changes what it writes for a given config, so cached worlds are rebuilt."""
+
+
+UNHASHED_DEFAULTS = {"render_scale": 1, "backbones_from": None}
+"""Settings left out of the fingerprint at these values, which build what was built before they existed (so
+cached worlds stay valid)."""
 
 
 def _default_palette() -> dict[str, list[int]]:
@@ -60,6 +66,15 @@ class WorldConfig:
 
     shape_sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.11, "large": 0.15})
     """Named object sizes as a fraction of the image width (extent of the shape's bounding box)."""
+
+    render_scale: int = 1
+    """Scenes are drawn at `render_scale * image_size` pixels square. Above 1 (the `highres` preset) the tower
+    reads a scene either downscaled to its input (one view) or in tiles of its input size (AnyRes)."""
+
+    backbones_from: str | None = None
+    """A built world whose tokenizer, CLIP and LLaMA this world reuses instead of pretraining its own. The
+    `highres` preset reuses the default world's: that tower was pretrained on objects of the pixel size that
+    AnyRes tiles of the high-resolution scenes show."""
 
     position_jitter: float = 0.04
     """Random offset of an object's centre from its slot centre, as a fraction of the image width."""
@@ -222,13 +237,33 @@ class WorldConfig:
         return cls(**small)  # type: ignore[arg-type]
 
     @classmethod
+    def highres(cls, **overrides: object) -> WorldConfig:
+        """The high-resolution variant: scenes drawn at twice the tower's input (168 px), shapes half the default
+        fraction of the width (so 4.6-6.3 px once downscaled to one 84-px view, 9-13 px in an 84-px AnyRes tile,
+        the default world's object size) and up to five objects; backbones from a built default world
+        (`backbones_from`)."""
+        values: dict[str, object] = dict(
+            render_scale=2, shape_sizes={"small": 0.055, "large": 0.075}, max_objects=5
+        )
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
     def preset(cls, name: str = "default", **overrides: object) -> WorldConfig:
-        """`default` (the full world) or `ci` (the miniature one), with field overrides applied on top."""
+        """`default` (the full world), `ci` (the miniature one) or `highres` (high-resolution scenes), with field
+        overrides applied on top."""
         if name == "default":
             return cls(**overrides)  # type: ignore[arg-type]
         if name == "ci":
             return cls.ci(**overrides)
-        raise ValueError(f"unknown world preset {name!r}: use 'default' or 'ci'")
+        if name == "highres":
+            return cls.highres(**overrides)
+        raise ValueError(f"unknown world preset {name!r}: use 'default', 'ci' or 'highres'")
+
+    @property
+    def render_size(self) -> int:
+        """Side of the rendered scene images in pixels."""
+        return self.image_size * self.render_scale
 
     @property
     def patch_grid(self) -> int:
@@ -263,9 +298,18 @@ class WorldConfig:
         clash = set(self.palette) & set(self.backgrounds)
         if clash:
             raise ValueError(f"names used both as object and background colors: {sorted(clash)}")
+        if self.render_scale < 1:
+            raise ValueError(f"render_scale must be >= 1, got {self.render_scale}")
+        if self.render_scale > 1 and not self.backbones_from:
+            raise ValueError(
+                "a world drawn above the tower's resolution (render_scale > 1) reuses the backbones of a world "
+                "drawn at it: set backbones_from to a built world's folder (`python -m llava_lit.world` builds "
+                "the default one)"
+            )
+        smallest = 0.05 / self.render_scale
         for name, frac in self.shape_sizes.items():
-            if not 0.05 <= frac <= 0.25:
-                raise ValueError(f"shape size {name}={frac} outside 0.05..0.25 of the image width")
+            if not smallest <= frac <= 0.25:
+                raise ValueError(f"shape size {name}={frac} outside {smallest:.3g}..0.25 of the image width")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field."""
@@ -274,6 +318,15 @@ class WorldConfig:
     def fingerprint(self) -> str:
         """Hash of the config, the pretraining precision it resolves to here and the build format: a cached world
         is reused only if this matches."""
-        payload = {"v": WORLD_FORMAT_VERSION, "cfg": self.to_dict(), "bf16": self.pretrain_in_bf16}
+        fields = self.to_dict()
+        for name, default in UNHASHED_DEFAULTS.items():  # settings that left earlier worlds unchanged
+            if fields[name] == default:
+                del fields[name]
+        payload = {"v": WORLD_FORMAT_VERSION, "cfg": fields, "bf16": self.pretrain_in_bf16}
+        if self.backbones_from:  # a rebuilt source world means other backbones, so another world
+            source = Path(self.backbones_from).expanduser() / "world.json"
+            payload["backbones"] = (
+                json.loads(source.read_text()).get("fingerprint") if source.is_file() else None
+            )
         payload = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

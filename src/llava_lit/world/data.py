@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from llava_lit.datamodule import LlavaDataModule
-from llava_lit.world.build import ensure_world
+from llava_lit.world.build import ensure_world, load_world_info
 from llava_lit.world.config import WorldConfig
 
 
@@ -53,6 +53,10 @@ class WorldDataModule(LlavaDataModule):
 
     def prepare_data(self) -> None:
         """Build the world into `world_dir` unless the one there has this config's fingerprint (or no source
-        reads it)."""
-        if self.reads_world():
-            ensure_world(self.world_dir, self.world_config)
+        reads it); a world that reuses another's backbones (`backbones_from`) builds that one first if missing."""
+        if not self.reads_world():
+            return
+        source = self.world_config.backbones_from
+        if source and load_world_info(source) is None:  # the backbones' world, built at its default settings
+            ensure_world(source, WorldConfig(seed=self.world_config.seed))
+        ensure_world(self.world_dir, self.world_config)

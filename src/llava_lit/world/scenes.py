@@ -105,8 +105,8 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig, scene_id: str) -> S
 
 
 def render_scene(scene: Scene, cfg: WorldConfig) -> Image.Image:
-    """Draw `scene` as an RGB image of `cfg.image_size` pixels square."""
-    big = cfg.image_size * SUPERSAMPLE
+    """Draw `scene` as an RGB image of `cfg.render_size` pixels square."""
+    big = cfg.render_size * SUPERSAMPLE
     img = Image.new("RGB", (big, big), tuple(scene.background_rgb))
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
@@ -122,12 +122,12 @@ def render_scene(scene: Scene, cfg: WorldConfig) -> Image.Image:
             draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
         else:
             raise ValueError(f"scene {scene.scene_id}: no renderer for shape {obj.shape!r}")
-    return img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BOX)
+    return img.resize((cfg.render_size, cfg.render_size), Image.Resampling.BOX)
 
 
 def blank_image(cfg: WorldConfig) -> Image.Image:
     """A uniform image without any object, fed instead of the real one for the blanked-image ablation."""
-    return Image.new("RGB", (cfg.image_size, cfg.image_size), BLANK_RGB)
+    return Image.new("RGB", (cfg.render_size, cfg.render_size), BLANK_RGB)
 
 
 def generate_scene_sets(cfg: WorldConfig) -> dict[str, list[Scene]]:
