@@ -238,12 +238,13 @@ class WorldConfig:
 
     @classmethod
     def highres(cls, **overrides: object) -> WorldConfig:
-        """The high-resolution variant: scenes drawn at twice the tower's input (168 px), shapes half the default
-        fraction of the width (so 4.6-6.3 px once downscaled to one 84-px view, 9-13 px in an 84-px AnyRes tile,
-        the default world's object size) and up to five objects; backbones from a built default world
-        (`backbones_from`)."""
+        """The high-resolution variant: scenes drawn at three times the tower's input (252 px), shapes a third of
+        the default fraction of the width (3.7-5 %: 3-4 px once downscaled to one 84-px view, 9-13 px in an
+        84-px AnyRes tile, the default world's object size) and up to five objects; backbones from a built
+        default world (`backbones_from`). The slot centres (0.2, 0.5, 0.8 of the side) fall inside the tiles
+        of a 3x3 grid, so no object is cut by a tile border."""
         values: dict[str, object] = dict(
-            render_scale=2, shape_sizes={"small": 0.055, "large": 0.075}, max_objects=5
+            render_scale=3, shape_sizes={"small": 0.037, "large": 0.05}, max_objects=5
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
