@@ -193,3 +193,31 @@ def test_llm_head_width_is_a_setting(tiny_world, tiny_world_cfg):
         assert attention.q_proj.out_features == cfg.llm_heads * cfg.llm_attention_head_dim
         assert attention.o_proj.in_features == cfg.llm_heads * cfg.llm_attention_head_dim
         assert model.config.hidden_size == cfg.llm_hidden_size
+
+
+def test_highres_variant_reuses_backbones_and_draws_larger_scenes(tiny_world, tiny_world_cfg, tmp_path):
+    """A world drawn at 3x the tower's input copies the source world's backbones (no pretraining) and is
+    rebuilt when the source is; one without a source is refused."""
+    import dataclasses
+
+    from llava_lit.world.config import WorldConfig
+
+    cfg = dataclasses.replace(
+        tiny_world_cfg,
+        render_scale=3,
+        shape_sizes={"small": 0.037, "large": 0.05},
+        max_objects=5,
+        backbones_from=str(tiny_world),
+    )
+    out = ensure_world(tmp_path / "highres", cfg)
+    info = load_world_info(out)
+    assert info["metrics"]["backbones_from"]["fingerprint"] == load_world_info(tiny_world)["fingerprint"]
+    assert "clip pretraining" not in info["timings_s"]
+    image = Image.open(next((out / "images" / "train").iterdir()))
+    assert image.size == (3 * tiny_world_cfg.image_size,) * 2
+    for part in ("clip/model.safetensors", "llm/model.safetensors", "llm/tokenizer.model"):
+        assert (out / part).read_bytes() == (tiny_world / part).read_bytes()
+    assert cfg.fingerprint() != dataclasses.replace(cfg, backbones_from=str(tmp_path / "other")).fingerprint()
+    assert WorldConfig().fingerprint() == WorldConfig(render_scale=1, backbones_from=None).fingerprint()
+    with pytest.raises(ValueError, match="backbones_from"):
+        dataclasses.replace(cfg, backbones_from=None).validate()

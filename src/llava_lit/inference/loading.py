@@ -119,7 +119,10 @@ def bundle_from_model(
     stage = (run_config.get("stage") or {}).get("name")
     default_id = "/".join(str(p) for p in (run_config.get("run_name"), stage) if p) or "llava_lit"
     lm_config = model.language_model.config
-    max_length = getattr(lm_config, "max_position_embeddings", None) or data.get("max_length")
+    # The longer of the LLM's configured positions and the sequences it was trained on: rotary positions extend,
+    # and a run trained past its config's limit (data.max_length) has learned those positions.
+    limits = [getattr(lm_config, "max_position_embeddings", None), data.get("max_length")]
+    max_length = max((int(n) for n in limits if n), default=None)
     return InferenceBundle(
         model=model,
         tokenizer=tokenizer,
