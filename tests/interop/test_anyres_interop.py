@@ -103,6 +103,8 @@ def test_export_is_a_llava_next_folder(next_export: Path, hf_next, anyres_llava:
     assert type(processor.image_processor).__name__.startswith("LlavaNextImageProcessor")
     assert processor.image_processor.image_grid_pinpoints == PINPOINTS
     assert classify_checkpoint(next_export) is CheckpointKind.EXPORTED_FOLDER
+    card = (next_export / "README.md").read_text()
+    assert "- llava_next" in card and "LlavaNextForConditionalGeneration.from_pretrained" in card
 
 
 @pytest.mark.parametrize(("height", "width"), SIZES)
@@ -311,3 +313,22 @@ def test_hf_llava_next_full_feature_strategy_is_refused(next_export: Path, tmp_p
     (folder / "config.json").write_text(json.dumps({**config, "vision_feature_select_strategy": "full"}))
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
         read_checkpoint(str(folder), workdir=tmp_path / "work")
+
+
+def test_export_cli_writes_a_llava_next_folder(
+    anyres_llava: LlavaModel, tiny_run_config: dict, tmp_path: Path
+) -> None:
+    """`python -m llava_lit.export` of an AnyRes training checkpoint: a verified LLaVA-NeXT folder."""
+    from llava_lit.export import main
+    from llava_lit.hydra_app import compose_config
+
+    run_config = json.loads(json.dumps(tiny_run_config))
+    run_config["model"]["anyres"] = {"grid_pinpoints": PINPOINTS, "unpad": True, "newline": True}
+    run_config["data"]["image_aspect"] = "anyres"
+    checkpoint = tmp_path / "last.ckpt"
+    state = {f"model.{k}": v for k, v in anyres_llava.state_dict().items()}
+    torch.save({"llava_lit_config": run_config, "state_dict": state}, checkpoint)
+    out = main(compose_config("export", [f"checkpoint={checkpoint}", f"out={tmp_path / 'hf'}"]))
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(out))
+    torch.testing.assert_close(hf.model.image_newline, anyres_llava.projector.image_newline, rtol=0, atol=0)
+    assert AutoProcessor.from_pretrained(str(out)).image_processor.image_grid_pinpoints == PINPOINTS
