@@ -7,6 +7,7 @@ image sizes cover wide, tall, square and extreme shapes (each takes another grid
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from inference_helpers import write_official
 from llava_lit.checkpoint_reader import CheckpointKind, classify_checkpoint, read_checkpoint
 from llava_lit.image_tiling import AnyResSettings
 from llava_lit.images import normalize_pixels, pixel_table
+from llava_lit.inference.generation import SamplingParams
+from llava_lit.inference.loading import bundle_from_model
 from llava_lit.interop.export_hf import export_hf_llava, verify_export
 from llava_lit.model import LlavaModel, build_llava
 
@@ -30,6 +33,14 @@ SIZES = [(30, 70), (100, 40), (56, 56), (9, 200)]  # (height, width)
 MESSAGES = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
 ]
+TURNS = [
+    {"from": "human", "value": "<image>\nWhat is in the picture?"}
+]  # MESSAGES in our conversation format
+RUN_CONFIG = {
+    "data": {"template": "vicuna_v1", "image_aspect": "anyres"},
+    "run_name": "tiny",
+    "stage": {"name": "x"},
+}
 
 
 def _build(tiny_backbones: Path, tokenizer, seed: int = 0, **anyres) -> LlavaModel:
@@ -44,8 +55,11 @@ def _build(tiny_backbones: Path, tokenizer, seed: int = 0, **anyres) -> LlavaMod
 
 
 def _image(height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(height * 1000 + width)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    """A picture of smooth gradients and a disc (resampling backends agree closely on it, unlike on noise)."""
+    y, x = np.mgrid[0:height, 0:width]
+    disc = (x - width / 2) ** 2 + (y - height / 3) ** 2 < (min(height, width) / 3) ** 2
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), disc * 200], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -131,32 +145,30 @@ def test_processor_token_count_pixels_and_logits_equal_ours(
     torch.testing.assert_close(hf_logits, _our_logits(anyres_llava, inputs))
 
 
-def _greedy(model: LlavaModel, inputs: dict[str, torch.Tensor], steps: int, eos: int) -> list[int]:
-    """Greedy decoding by full forwards of our model (no cache): the image stays in the prompt."""
-    height, width = inputs["image_sizes"][0].tolist()
-    tiles = inputs["pixel_values"][0, : model.tile_layout.num_tiles(height, width)]
-    ids, out = inputs["input_ids"], []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(ids, torch.ones_like(ids), tiles, image_sizes=inputs["image_sizes"]).logits
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if token == eos:
-                break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return out
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(("height", "width"), SIZES[::3])
-def test_greedy_generation_equals_ours(
-    height: int, width: int, next_export: Path, hf_next, anyres_llava: LlavaModel
+def test_greedy_generation_matches_predict(
+    height: int, width: int, next_export: Path, hf_next, anyres_llava: LlavaModel, llama_tokenizer
 ) -> None:
+    """transformers' `generate` on the export gives the tokens of our generator (the predict/chat/serve path)."""
     inputs = _hf_inputs(next_export, height, width)
     with torch.no_grad():
         out = hf_next.generate(**inputs, max_new_tokens=10, do_sample=False)
     theirs = out[0, inputs["input_ids"].shape[1] :].tolist()
-    ours = _greedy(anyres_llava, inputs, 10, hf_next.generation_config.eos_token_id)
-    assert ours == theirs
+
+    bundle = bundle_from_model(anyres_llava, llama_tokenizer, RUN_CONFIG)
+    image = bundle.image_loader(_png(_image(height, width)))  # whole view + tiles, and the size
+    prompt = bundle.prompt(TURNS, [image])
+    assert prompt.input_ids == inputs["input_ids"][0].tolist()  # the processor expands <image> as we do
+    completion = bundle.generator().generate([prompt], SamplingParams(max_new_tokens=10))[0]
+    assert completion.token_ids == theirs[: len(completion.token_ids)]
+    if completion.finish_reason == "length":
+        assert len(completion.token_ids) == 10 == len(theirs)
 
 
 def test_verify_export_checks_anyres(next_export: Path, anyres_llava: LlavaModel) -> None:
