@@ -344,3 +344,30 @@ def test_export_cli_writes_a_llava_next_folder(
     hf = LlavaNextForConditionalGeneration.from_pretrained(str(out))
     torch.testing.assert_close(hf.model.image_newline, anyres_llava.projector.image_newline, rtol=0, atol=0)
     assert AutoProcessor.from_pretrained(str(out)).image_processor.image_grid_pinpoints == PINPOINTS
+
+
+def test_llava_hf_older_key_layout_imports(
+    next_export: Path, anyres_llava: LlavaModel, tmp_path: Path
+) -> None:
+    """Most llava-hf LLaVA-NeXT repositories hold the pre-4.52 keys: `image_newline` at the top level,
+    `vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`."""
+    import shutil
+
+    folder = tmp_path / "older"
+    shutil.copytree(next_export, folder)
+    renames = (
+        ("model.image_newline", "image_newline"),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    )
+    older = {}
+    for key, value in load_file(str(folder / "model.safetensors")).items():
+        new, old = next((new, old) for new, old in renames if key.startswith(new))
+        older[old + key[len(new) :]] = value
+    assert "image_newline" in older and "vision_tower.vision_model.post_layernorm.weight" in older
+    save_file(older, str(folder / "model.safetensors"))
+    model, _ = read_checkpoint(str(folder), workdir=tmp_path / "work").build()
+    for key, value in anyres_llava.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
