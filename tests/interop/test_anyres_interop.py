@@ -280,7 +280,10 @@ def test_aspect_must_match_the_model(
         ({"image_aspect_ratio": "anyres_max_9"}, "anyres_max_9"),
         ({"mm_patch_merge_type": "spatial"}, "'spatial'"),
         ({"mm_patch_merge_type": "spatial_unpad_nobase"}, "spatial_unpad_nobase"),
-        ({"image_aspect_ratio": "pad", "mm_patch_merge_type": "spatial_unpad"}, "needs anyres tiles"),
+        (
+            {"image_aspect_ratio": "pad", "mm_patch_merge_type": "spatial_unpad"},
+            "'flat' for one view per image",
+        ),
         ({"image_grid_pinpoints": "[(336, 672), (672, 336)]"}, "list of \\[width, height\\] pairs"),
         ({"image_grid_pinpoints": [[56.0, 112]]}, "image_grid_pinpoints"),
     ],

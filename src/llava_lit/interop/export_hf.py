@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 ASPECTS = ("pad", "crop", "resize")
 """The image aspects of a one-view model; an AnyRes model exports with `anyres`."""
 ANYRES_ASPECT = "anyres"
+"""The image aspect of an AnyRes model (`data.image_aspect`), exported as a `LlavaNextImageProcessor`."""
 
 
 def hf_image_processor(clip_processor: Any, aspect: str) -> LlavaImageProcessor:

@@ -142,8 +142,8 @@ def official_anyres(config: dict[str, Any], folder: Path) -> AnyResSettings | No
     if aspect != "anyres":
         if merge != "flat":
             raise ValueError(
-                f"{folder}: mm_patch_merge_type={merge!r} with image_aspect_ratio={aspect!r}: a spatial merge "
-                "needs anyres tiles"
+                f"{folder}: mm_patch_merge_type={merge!r} with image_aspect_ratio={aspect!r} is not supported; "
+                "llava_lit imports 'flat' for one view per image and 'spatial_unpad' with 'anyres' tiles"
             )
         return None
     if merge != OFFICIAL_ANYRES_MERGE:
