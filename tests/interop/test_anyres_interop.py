@@ -319,14 +319,32 @@ def test_official_anyres_stage1_projector_is_refused(tiny_backbones: Path, tmp_p
         read_checkpoint(str(folder / "mm_projector.bin"), workdir=tmp_path / "work")
 
 
-def test_hf_llava_next_full_feature_strategy_is_refused(next_export: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("section", "change", "reason"),
+    [
+        ("model", {"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy='full'"),
+        ("model", {"image_grid_pinpoints": [[56, 112]]}, "the model config lays out"),
+        ("model", {"image_grid_pinpoints": [["56", 112]]}, "image_grid_pinpoints"),
+        ("image_processor", {"size": {"shortest_edge": 64}}, "one square tile size"),
+    ],
+)
+def test_llava_next_folders_we_cannot_reproduce_are_refused(
+    section: str, change: dict, reason: str, next_export: Path, tmp_path: Path
+) -> None:
     import shutil
 
-    folder = tmp_path / "full"
+    folder = tmp_path / "changed"
     shutil.copytree(next_export, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vision_feature_select_strategy": "full"}))
-    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+    if section == "model":
+        path = folder / "config.json"
+        settings = json.loads(path.read_text())
+        settings.update(change)
+    else:  # transformers 5 keeps the image processor's settings inside processor_config.json
+        path = folder / "processor_config.json"
+        settings = json.loads(path.read_text())
+        settings["image_processor"].update(change)
+    path.write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=reason):
         read_checkpoint(str(folder), workdir=tmp_path / "work")
 
 
