@@ -10,8 +10,8 @@ loader that turns the result into a model, holding the weights once.
   model's size) is never read into memory.
 - an FSDP2 distributed-checkpoint directory (`.metadata`, shards, `meta.pt`): the run config comes from `meta.pt`
   and only the model's tensors are read from the shards (their shapes from `.metadata`).
-- our exported folder (`python -m llava_lit.export`) and a llava-hf folder: transformers LLaVA (`model_type:
-  llava`); an export is told apart by its model card's `llava_lit` tag.
+- our exported folder (`python -m llava_lit.export`) and a llava-hf folder: transformers LLaVA or LLaVA-NeXT
+  (`model_type: llava` / `llava_next`); an export is told apart by its model card's `llava_lit` tag.
 - an official LLaVA folder (`model_type: llava_*` with `mm_vision_tower`), or its stage-1 projector
   (`mm_projector.bin` with the run's `config.json` beside it), or its LoRA folder (`llava-v1.5-7b-lora` layout:
   peft adapter + `non_lora_trainables.bin`), merged into its base LLM (`interop.import_lora`).
@@ -56,6 +56,9 @@ DCP_META_FILE = "meta.pt"
 DCP_METADATA_FILE = ".metadata"
 """The index torch.distributed.checkpoint writes into every checkpoint directory."""
 
+HF_MODEL_TYPES = ("llava", "llava_next")
+"""`config.json` model types of transformers LLaVA folders (`llava_next`: LLaVA-NeXT, an AnyRes model here)."""
+
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -73,8 +76,8 @@ class CheckpointKind(enum.Enum):
 
     LIGHTNING_FILE = "Lightning checkpoint file (*.ckpt)"
     DISTRIBUTED_DIR = "FSDP2 distributed-checkpoint directory (.metadata + meta.pt)"
-    EXPORTED_FOLDER = "llava_lit export (transformers LLaVA folder, model card tagged llava_lit)"
-    HF_FOLDER = "transformers LLaVA folder (llava-hf, config.json model_type 'llava')"
+    EXPORTED_FOLDER = "llava_lit export (transformers LLaVA / LLaVA-NeXT folder, model card tagged llava_lit)"
+    HF_FOLDER = "transformers LLaVA folder (llava-hf, config.json model_type 'llava' or 'llava_next')"
     OFFICIAL_FOLDER = "official LLaVA folder (config.json model_type 'llava_*' with mm_vision_tower)"
     OFFICIAL_PROJECTOR = "official stage-1 projector (mm_projector.bin beside its run's config.json)"
     OFFICIAL_LORA = "official LoRA folder (adapter_config.json + non_lora_trainables.bin + config.json)"
@@ -139,7 +142,7 @@ def classify_checkpoint(path: str | Path) -> CheckpointKind:
         )
     config = read_config_json(config_path)
     model_type = str(config.get("model_type", ""))
-    if model_type == "llava":
+    if model_type in HF_MODEL_TYPES:
         return CheckpointKind.EXPORTED_FOLDER if _is_our_export(local) else CheckpointKind.HF_FOLDER
     if "mm_vision_tower" in config or model_type.startswith("llava_"):
         if (
@@ -150,8 +153,8 @@ def classify_checkpoint(path: str | Path) -> CheckpointKind:
         return CheckpointKind.OFFICIAL_PROJECTOR
     raise _refuse(
         local,
-        f"config.json has model_type {config.get('model_type')!r}, neither transformers' 'llava' nor an official "
-        "LLaVA 'llava_*' with mm_vision_tower",
+        f"config.json has model_type {config.get('model_type')!r}, neither transformers' 'llava' / 'llava_next' "
+        "nor an official LLaVA 'llava_*' with mm_vision_tower",
     )
 
 

@@ -1,4 +1,5 @@
-"""`python -m llava_lit.export`: a training checkpoint -> a transformers LLaVA folder (for vLLM, SGLang, TGI, Hub).
+"""`python -m llava_lit.export`: a training checkpoint -> a transformers LLaVA folder (for vLLM, SGLang, TGI, Hub);
+an AnyRes checkpoint (`model.anyres`) -> a LLaVA-NeXT folder.
 
     python -m llava_lit.export checkpoint=outputs/world/finetune/checkpoints/last.ckpt out=exported/world
     python -m llava_lit.export checkpoint=outputs/llava_v15_7b/finetune/checkpoints/last.ckpt \\
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llava_lit.atomic_files import atomic_directory
 from llava_lit.checkpoint_reader import (
+    HF_MODEL_TYPES,
     CheckpointKind,
     build_lora_run,
     classify_checkpoint,
@@ -130,12 +132,13 @@ def check_replaceable_export(out: Path) -> None:
         return
     config = out / "config.json"
     try:
-        is_export = json.loads(config.read_text()).get("model_type") == "llava"
+        is_export = json.loads(config.read_text()).get("model_type") in HF_MODEL_TYPES
     except (OSError, ValueError, AttributeError):
         is_export = False
     if not is_export:
         raise SystemExit(
-            f"out={out} exists and is not a previous LLaVA export (no config.json with model_type llava): "
+            f"out={out} exists and is not a previous LLaVA export (no config.json with model_type "
+            f"{' or '.join(HF_MODEL_TYPES)}): "
             "the export replaces the whole folder, so choose a new or empty folder"
         )
 

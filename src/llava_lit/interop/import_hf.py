@@ -1,4 +1,8 @@
-"""Import transformers LLaVA checkpoints (`llava-hf/*`, or our own exports) into llava_lit.
+"""Import transformers LLaVA and LLaVA-NeXT checkpoints (`llava-hf/*`, or our own exports) into llava_lit.
+
+A LLaVA-NeXT folder (`model_type: llava_next`) becomes an AnyRes model (`model.anyres` from its
+`image_grid_pinpoints`, unpad and newline on, `data.image_aspect: anyres`); its `image_newline` is our
+`projector.image_newline` (`interop.llava_next`).
 
 Two key layouts exist on the hub: the current one (transformers >= 4.52: `model.vision_tower.*`,
 `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*`, `lm_head.*`) and the older one that most
@@ -10,16 +14,18 @@ level is dropped because transformers 5's `CLIPVisionModel` is flat. This is the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaConfig
+from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaConfig, LlavaNextConfig
 
 from llava_lit.conversation import TEMPLATES, get_template
 from llava_lit.interop.chat_template import system_prompt_of, to_jinja
 from llava_lit.interop.checkpoint_files import read_state_dict
+from llava_lit.interop.llava_next import HF_NEWLINE_KEYS, NEWLINE_KEY, check_hf_tile_size, checked_anyres
 from llava_lit.interop.pretrained import PretrainedLlava, read_config_json, write_json
 from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.tokenization import image_token_id, load_tokenizer
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _PREFIXES = (
     # (transformers prefix, LlavaModel prefix); the first match wins, so longer prefixes come first.
+    *((key, NEWLINE_KEY) for key in HF_NEWLINE_KEYS),  # LLaVA-NeXT's row-end vector (whole key)
     ("model.vision_tower.", "vision_tower.backbone."),
     ("model.multi_modal_projector.linear_1.", "projector.0."),
     ("model.multi_modal_projector.linear_2.", "projector.2."),
@@ -58,9 +65,14 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def _check_supported(config: LlavaConfig, folder: Path) -> None:
+def _check_supported(config: LlavaConfig | LlavaNextConfig, folder: Path) -> None:
     """Refuse what llava_lit's model cannot reproduce, naming the field."""
     problems = []
+    if isinstance(config, LlavaNextConfig) and config.vision_feature_select_strategy != "default":
+        problems.append(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} with LLaVA-NeXT tiles "
+            "(AnyRes lays out patch features only: 'default')"
+        )
     if config.vision_config.model_type != "clip_vision_model":
         problems.append(
             f"vision tower {config.vision_config.model_type!r} (llava_lit loads HF towers as CLIP)"
@@ -75,12 +87,25 @@ def _check_supported(config: LlavaConfig, folder: Path) -> None:
         raise ValueError(f"{folder} cannot be represented by llava_lit's model: " + "; ".join(problems))
 
 
-def _clip_processor(folder: Path) -> tuple[CLIPImageProcessor, str]:
-    """The folder's image processor as a `CLIPImageProcessor` (our towers' type) and its aspect mode."""
+def _clip_processor(folder: Path, grid_pinpoints: list | None) -> tuple[CLIPImageProcessor, str]:
+    """The folder's image processor as a `CLIPImageProcessor` (our towers' type) and its aspect mode.
+
+    `grid_pinpoints`: the model config's, for a LLaVA-NeXT folder (its `LlavaNextImageProcessor` must tile with
+    the same pinpoints, and one square tile size); None for LLaVA.
+    """
     hf = AutoImageProcessor.from_pretrained(str(folder))
     size = dict(hf.size)
     crop = dict(hf.crop_size) if getattr(hf, "crop_size", None) else None
-    if getattr(hf, "do_pad", False):
+    if grid_pinpoints is not None:
+        aspect = "anyres"
+        check_hf_tile_size(hf, folder)
+        tiled = getattr(hf, "image_grid_pinpoints", None)
+        if tiled != grid_pinpoints:  # both read from JSON: lists of [height, width] lists
+            raise ValueError(
+                f"{folder}: the image processor tiles with image_grid_pinpoints {tiled!r:.120} but the model "
+                f"config lays out {grid_pinpoints!r:.120}"
+            )
+    elif getattr(hf, "do_pad", False):
         aspect = "pad"
     elif not getattr(hf, "do_center_crop", True) and "height" in size:
         aspect = "resize"
@@ -119,9 +144,10 @@ def _recorded_template(tokenizer: Any) -> tuple[str | None, str | None]:
 
 
 def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
-    """A transformers LLaVA folder -> `PretrainedLlava` (backbone configs written under `workdir`)."""
-    read_config_json(folder / "config.json")  # plain data only, before transformers reads it
-    config = LlavaConfig.from_pretrained(str(folder))
+    """A transformers LLaVA or LLaVA-NeXT folder -> `PretrainedLlava` (backbone configs written under `workdir`)."""
+    raw = read_config_json(folder / "config.json")  # plain data only, before transformers reads it
+    next_model = raw.get("model_type") == "llava_next"
+    config = (LlavaNextConfig if next_model else LlavaConfig).from_pretrained(str(folder))
     _check_supported(config, folder)
     tokenizer = load_tokenizer(str(folder))
     if image_token_id(tokenizer) != config.image_token_index:
@@ -132,7 +158,12 @@ def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
 
     vision_dir = workdir / "vision"
     write_json(vision_dir / "config.json", config.vision_config.to_dict())
-    processor, aspect = _clip_processor(folder)
+    anyres = (
+        checked_anyres(config.image_grid_pinpoints, f"{folder}/config.json: image_grid_pinpoints")
+        if next_model
+        else None
+    )
+    processor, aspect = _clip_processor(folder, None if anyres is None else anyres.grid_pinpoints)
     processor.save_pretrained(str(vision_dir))
     llm_dir = workdir / "llm"
     text = config.text_config.to_dict()
@@ -159,6 +190,7 @@ def import_hf(folder: Path, workdir: Path, *, source: str) -> PretrainedLlava:
             "projector": "mlp2x_gelu",
             "language_model": {"name_or_path": str(llm_dir), "pretrained": False},
             "tokenizer_name_or_path": str(folder),
+            **({} if anyres is None else {"anyres": dataclasses.asdict(anyres)}),
         },
         source=str(folder / "config.json"),
     )

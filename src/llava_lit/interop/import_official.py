@@ -5,10 +5,15 @@ Official key layout (`LlavaLlamaForCausalLM`): the projector under `model.mm_pro
 checkpoints that trained or saved the tower, CLIP under `model.vision_tower.vision_tower.vision_model.*`. Released
 v1.5 checkpoints omit the tower and name its CLIP checkpoint in `config.json: mm_vision_tower`; the tower is then
 loaded from that checkpoint. `config.json` is a `LlamaConfig` plus the `mm_*` fields that describe the rest.
+
+LLaVA-1.6 releases (`image_aspect_ratio: anyres`, `mm_patch_merge_type: spatial_unpad`, `image_grid_pinpoints`)
+become an AnyRes model (`interop.llava_next.official_anyres`); their `model.image_newline` weight is our
+`projector.image_newline`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 
 from llava_lit.interop.checkpoint_files import read_state_dict
+from llava_lit.interop.llava_next import NEWLINE_KEY, OFFICIAL_NEWLINE_KEY, official_anyres
 from llava_lit.interop.pretrained import PretrainedLlava, read_config_json, write_json
 from llava_lit.model.llava import LlavaModelConfig
 from llava_lit.projector_io import read_projector_weights
@@ -60,12 +66,6 @@ def _check_supported(config: dict[str, Any], folder: Path) -> None:
         raise ValueError(
             f"{folder}: mm_use_im_start_end=true (image start/end tokens) is not supported by llava_lit"
         )
-    merge = config.get("mm_patch_merge_type", "flat")
-    if merge != "flat" or config.get("image_aspect_ratio") == "anyres":
-        raise ValueError(
-            f"{folder}: LLaVA-1.6 'anyres' / mm_patch_merge_type={merge!r} checkpoints are not supported "
-            "(llava_lit encodes one fixed-size image per <image>)"
-        )
     model_type = config.get("model_type", "llava_llama")
     if model_type not in ("llava_llama", "llava_mistral"):
         raise ValueError(
@@ -89,9 +89,9 @@ def convert_official_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[st
     for key, value in state.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue  # a buffer recomputed from the config; old transformers versions saved it
-        if key == "model.image_newline":
-            raise ValueError("model.image_newline is a LLaVA-1.6 (anyres) weight: not supported by llava_lit")
-        if key.startswith(PROJECTOR_PREFIX):
+        if key == OFFICIAL_NEWLINE_KEY:
+            out[NEWLINE_KEY] = value  # LLaVA-1.6's row-end vector: a projector weight here
+        elif key.startswith(PROJECTOR_PREFIX):
             out["projector." + key[len(PROJECTOR_PREFIX) :]] = value
         elif key.startswith(VISION_PREFIX):
             name = key[len(VISION_PREFIX) :].removeprefix("vision_model.")  # transformers 5 CLIP is flattened
@@ -115,13 +115,20 @@ def import_official(
     config_path = folder / "config.json"
     config = read_config_json(config_path)  # plain data only: a target or interpolation anywhere is refused
     _check_supported(config, folder)
+    anyres = official_anyres(config, folder)  # None: one view per image
     if "mm_vision_tower" not in config:
         raise ValueError(
             f"{folder}/config.json has no mm_vision_tower: the CLIP tower it was trained with is unknown"
         )
     projector = config.get("mm_projector_type", "linear")  # the official default (LLaVA v1)
     aspect_ratio = config.get("image_aspect_ratio", "square")
-    aspect = IMAGE_ASPECTS.get(aspect_ratio) if isinstance(aspect_ratio, str) else None
+    aspect = (
+        "anyres"
+        if anyres is not None
+        else IMAGE_ASPECTS.get(aspect_ratio)
+        if isinstance(aspect_ratio, str)
+        else None
+    )
     if aspect is None:
         raise ValueError(
             f"{folder}: image_aspect_ratio {config.get('image_aspect_ratio')!r} is not supported"
@@ -143,6 +150,11 @@ def import_official(
         "select_feature": config.get("mm_vision_select_feature", "patch"),
     }
     notes: list[str] = []
+    if stage1 and anyres is not None:
+        raise ValueError(
+            f"{folder}: a stage-1 projector of an anyres run: its mm_projector.bin does not hold the LLaVA-1.6 "
+            "model.image_newline weight, so the AnyRes model cannot be built from it"
+        )
     if stage1:
         # The LLM is the base model the projector was trained against (`_name_or_path` of the stage-1 run).
         projector_path = projector_file or folder / "mm_projector.bin"
@@ -173,6 +185,7 @@ def import_official(
             "projector": projector,
             "language_model": lm_node,
             "tokenizer_name_or_path": tokenizer,
+            **({} if anyres is None else {"anyres": dataclasses.asdict(anyres)}),
         },
         source=str(config_path),
     )

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 
 @dataclass
@@ -36,9 +36,19 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def render_model_card(info: ModelCardInfo, *, config: LlavaConfig, template: str) -> str:
-    """The Markdown model card for an exported model."""
+def render_model_card(info: ModelCardInfo, *, config: LlavaConfig | LlavaNextConfig, template: str) -> str:
+    """The Markdown model card for an exported model (LLaVA, or LLaVA-NeXT for an AnyRes model)."""
     cfg = info.run_config
+    anyres = isinstance(config, LlavaNextConfig)
+    architecture = "LlavaNextForConditionalGeneration" if anyres else "LlavaForConditionalGeneration"
+    if anyres:
+        images = (
+            f"AnyRes tiles over the grid pinpoints {config.image_grid_pinpoints} (height, width): "
+            f"{config.image_seq_length} tokens for the whole view, then the unpadded tile features with a newline "
+            "per row, so the count depends on the image size"
+        )
+    else:
+        images = f"{config.image_seq_length} tokens per image"
     vision = _get(cfg, "model.vision_tower.name_or_path") or config.vision_config.name_or_path or "unknown"
     llm = _get(cfg, "model.language_model.name_or_path") or config.text_config.name_or_path or "unknown"
     base_models = [m for m in (vision, llm) if m and m != "unknown"]
@@ -48,19 +58,20 @@ def render_model_card(info: ModelCardInfo, *, config: LlavaConfig, template: str
         "pipeline_tag: image-text-to-text",
         "tags:",
         "- llava",
+        *(["- llava_next"] if anyres else []),
         "- llava_lit",
     ]
     if base_models:
         lines += ["base_model:"] + [f"- {m}" for m in base_models]
-    lines += ["---", "", "# LLaVA model trained with llava_lit", ""]
+    lines += ["---", "", f"# {'LLaVA-NeXT' if anyres else 'LLaVA'} model trained with llava_lit", ""]
     lines += [
-        "A LLaVA (Visual Instruction Tuning) vision-language model in transformers' "
-        "`LlavaForConditionalGeneration` format.",
+        f"A LLaVA (Visual Instruction Tuning) vision-language model in transformers' `{architecture}` format.",
         "",
         "## Architecture",
         "",
         f"- Vision tower: `{vision}` (feature layer {config.vision_feature_layer}, "
-        f"`{config.vision_feature_select_strategy}` features, {config.image_seq_length} tokens per image)",
+        f"`{config.vision_feature_select_strategy}` features)",
+        f"- Images: {images}",
         f"- Projector: Linear-GELU-Linear (`mlp2x_gelu`), bias {config.multimodal_projector_bias}",
         f"- Language model: `{llm}`",
         f"- Image token: `<image>` (id {config.image_token_index})",
@@ -102,9 +113,9 @@ def render_model_card(info: ModelCardInfo, *, config: LlavaConfig, template: str
         "## Usage",
         "",
         "```python",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        f"from transformers import AutoProcessor, {architecture}",
         "",
-        'model = LlavaForConditionalGeneration.from_pretrained("PATH")',
+        f'model = {architecture}.from_pretrained("PATH")',
         'processor = AutoProcessor.from_pretrained("PATH")',
         'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
