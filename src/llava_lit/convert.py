@@ -175,6 +175,11 @@ def pre_resize_loader(size: int, aspect: str) -> ImageLoader:
     """The image path `pre_resize` stores: CLIP's processor geometry at `size` px in `aspect` mode, uint8."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    if aspect == "anyres":
+        raise ValueError(
+            "pre_resize stores one tower-size view per image, but AnyRes tiles are cut from the image at its own "
+            "size: convert without pre_resize for image_aspect=anyres"
+        )
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return ImageLoader(processor, aspect=aspect)  # type: ignore[arg-type]
 

@@ -69,3 +69,17 @@ def test_a_refused_out_folder_ends_the_command_with_its_message(llava_dataset, t
     assert f"error: out={out} holds files that are not a previous conversion (notes.txt)" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert list(cwd.iterdir()) == []
+
+
+def test_pre_resize_refuses_anyres(llava_dataset, tmp_path):
+    """AnyRes tiles are cut from each image at its own size, so one stored view cannot serve it."""
+    overrides = [
+        f"json={llava_dataset['json']}",
+        f"image_folder={llava_dataset['images']}",
+        f"out={tmp_path / 'shards'}",
+        "pre_resize=56",
+        "image_aspect=anyres",
+    ]
+    with pytest.raises(ValueError, match="convert without pre_resize"):
+        main(compose_config("convert", overrides))
+    assert not (tmp_path / "shards").exists()

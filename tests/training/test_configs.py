@@ -63,7 +63,8 @@ def test_every_experiment_composes_with_consistent_batch_arithmetic(experiment, 
     cfg = _compose("train", [f"experiment={experiment}"], tmp_path)
     _resolve(cfg)
     assert cfg.run_name in experiment
-    assert cfg.stage.name in experiment
+    if experiment.endswith(("_align", "_finetune")):  # a recipe of one stage; the world's serve both
+        assert cfg.stage.name in experiment
     assert cfg.global_batch_size % (cfg.micro_batch_size * num_processes(cfg.trainer)) == 0
 
 
@@ -161,7 +162,16 @@ def test_the_default_recipe_on_an_8gpu_node_keeps_its_global_batch(tmp_path):
     assert cfg.micro_batch_size == cfg.data.micro_batch_size == 4 and run_accumulation(cfg) == 1
 
 
-@pytest.mark.parametrize("recipe", ["llava_v15_{}_align", "llava_v15_{}_finetune", "llava_v1_{}_align"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "llava_v15_{}_align",
+        "llava_v15_{}_finetune",
+        "llava_v1_{}_align",
+        "llava_next_{}_align",
+        "llava_next_{}_finetune",
+    ],
+)
 def test_13b_recipes_are_their_7b_twins_with_another_model(recipe, tmp_path):
     small, big = (
         OmegaConf.to_container(_compose("train", [f"experiment={recipe.format(size)}"], tmp_path))
@@ -212,3 +222,18 @@ def test_a_stage_plus_a_data_choice_leaves_the_world_out(tmp_path):
     assert set(cfg.callbacks) == {"model_checkpoint", "preemption", "projector_export"}
     assert "world" not in cfg and "evaluate" not in cfg
     _resolve(cfg)
+
+
+def test_llava_next_finetune_is_anyres_over_the_llava_v15_recipe(tmp_path):
+    """Stage 2 of LLaVA-NeXT: the LLaVA-1.5 finetune plus AnyRes (both switches), the tower at its own lr, 4096
+    tokens; stage 1 is LLaVA-1.5's at base resolution."""
+    v15 = _compose("train", ["experiment=llava_v15_7b_finetune"], tmp_path)
+    nxt = _compose("train", ["experiment=llava_next_7b_finetune"], tmp_path)
+    assert nxt.data.image_aspect == "anyres" and v15.data.image_aspect == "pad"
+    assert nxt.model.anyres.grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert nxt.model.anyres.unpad and nxt.model.anyres.newline and v15.model.anyres is None
+    assert nxt.stage.train_vision_tower and nxt.module.vision_tower_lr == 2e-6
+    assert nxt.data.max_length == 4096
+    align = _compose("train", ["experiment=llava_next_7b_align"], tmp_path)
+    assert align.model.anyres is None and align.data.image_aspect != "anyres"
+    assert nxt.init_projector.endswith("llava_next_7b/align/checkpoints/projector.safetensors")
