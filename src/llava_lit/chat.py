@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llava_lit.constants import IMAGE_TOKEN
 from llava_lit.hydra_app import hydra_app
-from llava_lit.images import ImageDecodeError
+from llava_lit.images import ImageDecodeError, TiledImage
 from llava_lit.inference import InferenceBundle, SamplingParams, load_for_inference
 from llava_lit.load_settings import LoadSettings
 
@@ -57,7 +57,7 @@ class ChatSession:
         self.params = params
         self.out = out
         self.turns: list[dict[str, str]] = []
-        self.pixel_values: torch.Tensor | None = None  # [3, H, W]
+        self.pixel_values: torch.Tensor | TiledImage | None = None  # [3, H, W], or tiles for an AnyRes model
 
     def set_image(self, path: str) -> None:
         """Switch to the image at `path` (a new conversation); raises `OSError`/`ImageDecodeError`."""
