@@ -34,6 +34,11 @@ CLIP's processor) as lossless PNG: training then skips the resize (about 0.2 ms 
 and gets the same pixels, at several times the disk of the original JPEGs. The manifest records the size and
 aspect mode, and a data module set up for another refuses the shards.
 
+With `grid_pinpoints` (an AnyRes model's `model.anyres.grid_pinpoints`, with `tile_size` its tower's input side)
+the length statistics count each image's tokens from its size as LLaVA-NeXT tiling lays them out
+(`image_tiling.TileLayout`: `num_image_tokens` per tile, unpad and newline on), as the AnyRes data module will;
+without it every image counts `num_image_tokens`.
+
 Output is deterministic: records keep their file order, keys are their index in the file (non-blank lines for
 `.jsonl`), and tars carry fixed metadata, so re-running on the same input gives byte-identical shards.
 """
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -57,6 +63,7 @@ from transformers import PreTrainedTokenizerBase
 from llava_lit.atomic_files import atomic_directory
 from llava_lit.conversation import get_template
 from llava_lit.hydra_app import hydra_app
+from llava_lit.image_tiling import AnyResSettings, TileLayout
 from llava_lit.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageLoader, decode_image
 from llava_lit.records import InvalidRecord, Record, parse_record
 from llava_lit.shards import (
@@ -201,11 +208,13 @@ def _load_images(
     max_pixels: int,
     allow_outside: bool,
     pre_resize: ImageLoader | None = None,
-) -> tuple[dict[str, bytes], list[str]]:
+) -> tuple[dict[str, bytes], list[str], list[tuple[int, int]]]:
     """Read and fully decode every image of a record (and, with `pre_resize`, store it in that geometry as PNG);
-    raise `ImageDecodeError` or `InvalidRecord` at the first bad one."""
+    raise `ImageDecodeError` or `InvalidRecord` at the first bad one. Returns the bytes to store by member key,
+    the keys in image order and each image's (height, width) as read."""
     images: dict[str, bytes] = {}
     keys: list[str] = []
+    sizes: list[tuple[int, int]] = []
     for i, rel in enumerate(record.images):
         path = image_path(image_folder, rel, allow_outside=allow_outside)
         if not path.is_file():
@@ -215,13 +224,14 @@ def _load_images(
             image = decode_image(data, max_pixels=max_pixels)
         except ImageDecodeError as err:
             raise ImageDecodeError(err.reason, f"{rel}: {err.detail}" if err.detail else rel) from err
+        sizes.append((image.height, image.width))
         if pre_resize is not None:
             data = _png(pre_resize.pixels(image))
             rel = str(Path(rel).with_suffix(".png"))
         key = _member_extension(rel, i, len(record.images))
         images[key] = data
         keys.append(key)
-    return images, keys
+    return images, keys, sizes
 
 
 def _ordered_map(
@@ -283,13 +293,14 @@ def convert(
     allow_outside_image_folder: bool = False,
     pre_resize: int | None = None,
     image_aspect: str = "pad",
+    tile_layout: TileLayout | None = None,
     progress: bool = True,
 ) -> Manifest:
     """Convert one LLaVA JSON + image folder into `out_dir/shard-*.tar` + `out_dir/manifest.json`.
 
     With a tokenizer, the manifest also holds token-length statistics for `template` (with `system_prompt` in
-    place of its own, when given; image markers expanded to `num_image_tokens`) and how many samples that
-    template would skip. `out_dir` is replaced as a whole once the new shards and manifest are complete (see
+    place of its own, when given; image markers expanded to `num_image_tokens`, or with `tile_layout` to each
+    image's AnyRes token count) and how many samples that template would skip. `out_dir` is replaced as a whole once the new shards and manifest are complete (see
     the module docstring for what it may hold and what is refused with `ConvertError`). With `pre_resize`, images
     are stored resized to that many pixels square in `image_aspect` mode (see the module docstring). Returns the
     manifest.
@@ -301,17 +312,25 @@ def convert(
     source = source or Path(json_path).stem
     folder = Path(image_folder).resolve()
     resizer = pre_resize_loader(pre_resize, image_aspect) if pre_resize is not None else None
+    if tile_layout is not None and resizer is not None:
+        raise ConvertError(
+            "tile_layout counts tokens from each image's own size: it cannot go with pre_resize"
+        )
 
-    def check(index: int) -> tuple[int, InvalidRecord | ImageDecodeError | None, Record | None, dict, list]:
+    def check(
+        index: int,
+    ) -> tuple[int, InvalidRecord | ImageDecodeError | None, Record | None, dict, list, list]:
         entry = entries[index]
         try:
             if entry.error is not None:
                 raise entry.error
             record = parse_record(entry.raw)
-            images, keys = _load_images(record, folder, max_pixels, allow_outside_image_folder, resizer)
+            images, keys, sizes = _load_images(
+                record, folder, max_pixels, allow_outside_image_folder, resizer
+            )
         except (InvalidRecord, ImageDecodeError) as err:
-            return index, err, None, {}, []
-        return index, None, record, images, keys
+            return index, err, None, {}, [], []
+        return index, None, record, images, keys, sizes
 
     skipped: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
@@ -324,7 +343,7 @@ def convert(
         # deterministic.
         with ThreadPoolExecutor(max_workers=threads) as pool:
             results = _ordered_map(pool, check, range(len(entries)), window=8 * threads)
-            for index, error, record, images, keys in tqdm(
+            for index, error, record, images, keys, sizes in tqdm(
                 results, total=len(entries), desc=f"convert {source}", disable=not progress, unit="rec"
             ):
                 if error is not None:
@@ -347,7 +366,11 @@ def convert(
                             record.conversations,
                             tokenizer=tokenizer,
                             template=chat_template,
-                            num_image_tokens=num_image_tokens,
+                            num_image_tokens=(
+                                [tile_layout.num_tokens(h, w) for h, w in sizes]
+                                if tile_layout is not None
+                                else num_image_tokens
+                            ),
                             max_length=max_length,
                             num_images=len(record.images),
                         )
@@ -371,6 +394,11 @@ def convert(
                     template=template,
                     num_image_tokens=num_image_tokens,
                     skipped=dict(token_skips),
+                    anyres=(
+                        {"grid_pinpoints": tile_layout.settings.grid_pinpoints, "tile_size": tile_layout.base}
+                        if tile_layout is not None
+                        else None
+                    ),
                 )
                 if tokenizer is not None
                 else None
@@ -411,7 +439,7 @@ class ConvertConfig:
     system_prompt: str | None = None
     """System prompt replacing the template's for the length statistics; null keeps the template's."""
     num_image_tokens: int = 576
-    """Tokens per image for the length statistics."""
+    """Tokens per image for the length statistics (per tile with `grid_pinpoints`: a square number)."""
     max_length: int = 2048
     """Model max length for the length statistics (longer samples are counted as skipped)."""
     source: str | None = None
@@ -425,9 +453,29 @@ class ConvertConfig:
     `image_aspect` mode, as PNG; training with another size or aspect refuses the shards. null = as read."""
     image_aspect: str = "pad"
     """Aspect mode for `pre_resize`: pad, crop or resize."""
+    grid_pinpoints: list[list[int]] | None = None
+    """AnyRes resolutions ([height, width], the model's `model.anyres.grid_pinpoints`) for the length statistics:
+    each image counts the tokens LLaVA-NeXT tiling gives its size; null = `num_image_tokens` per image."""
+    tile_size: int = 336
+    """The vision tower's input side (the AnyRes tile) for `grid_pinpoints`."""
     allow_outside_image_folder: bool = False
     """Read image paths that are absolute or resolve outside `image_folder` (through '..' or a symlink); without
     it such records are skipped as image_outside_folder."""
+
+
+def anyres_layout(grid_pinpoints: list[list[int]], tile_size: int, num_image_tokens: int) -> TileLayout:
+    """The AnyRes layout the length statistics count with: `num_image_tokens` per tile (a square number, the
+    tower's feature grid) on `tile_size` tiles. Settings that do not make one end the program with the reason."""
+    grid = math.isqrt(num_image_tokens)
+    if grid * grid != num_image_tokens:
+        raise SystemExit(
+            f"error: grid_pinpoints needs num_image_tokens to be the tokens of one tile, a square number "
+            f"(576 for CLIP-L/14-336); got {num_image_tokens}"
+        )
+    try:
+        return TileLayout(AnyResSettings(grid_pinpoints=grid_pinpoints), base=tile_size, feature_grid=grid)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 @hydra_app("convert", schemas={"": ConvertConfig})
@@ -439,6 +487,9 @@ def main(cfg: DictConfig) -> Manifest:
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args: ConvertConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ConvertConfig), cfg))  # type: ignore[assignment]
+    tile_layout = None
+    if args.grid_pinpoints is not None:
+        tile_layout = anyres_layout(args.grid_pinpoints, args.tile_size, args.num_image_tokens)
     tokenizer = None
     if args.tokenizer:
         from llava_lit.tokenization import load_tokenizer
@@ -461,6 +512,7 @@ def main(cfg: DictConfig) -> Manifest:
             allow_outside_image_folder=args.allow_outside_image_folder,
             pre_resize=args.pre_resize,
             image_aspect=args.image_aspect,
+            tile_layout=tile_layout,
         )
     except ConvertError as err:
         raise SystemExit(f"error: {err}") from None
@@ -471,7 +523,11 @@ def main(cfg: DictConfig) -> Manifest:
     print(f"skipped: {manifest.skipped or 'none'}")
     if manifest.token_lengths is not None:
         t = manifest.token_lengths
-        print(f"tokens: mean {t.mean} p50 {t.p50} p95 {t.p95} max {t.max}; would skip {t.skipped or 'none'}")
+        counted = "AnyRes tiles" if t.anyres else f"{t.num_image_tokens} per image"
+        print(
+            f"tokens ({counted}): mean {t.mean} p50 {t.p50} p95 {t.p95} max {t.max}; "
+            f"would skip {t.skipped or 'none'}"
+        )
     return manifest
 
 

@@ -78,7 +78,7 @@ class TokenLengthStats:
     template: str
     """Template used to render the samples."""
     num_image_tokens: int
-    """Tokens per image used for the expansion."""
+    """Tokens per image used for the expansion (per tower view when `anyres` is set)."""
     count: int
     """Samples that encoded (the others are in `skipped`)."""
     min: int
@@ -95,10 +95,19 @@ class TokenLengthStats:
     """99th percentile."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples that would be skipped at training with this tokenizer/template, per reason (still written)."""
+    anyres: dict[str, Any] | None = None
+    """`{"grid_pinpoints", "tile_size"}` when each image's run was counted from its size by AnyRes tiling
+    (`image_tiling.TileLayout`, unpad and newline on); None when every image counts `num_image_tokens`."""
 
     @classmethod
     def from_lengths(
-        cls, lengths: list[int], *, template: str, num_image_tokens: int, skipped: dict[str, int]
+        cls,
+        lengths: list[int],
+        *,
+        template: str,
+        num_image_tokens: int,
+        skipped: dict[str, int],
+        anyres: dict[str, Any] | None = None,
     ) -> TokenLengthStats:
         """Summarise a list of lengths."""
         count = len(lengths)
@@ -118,6 +127,7 @@ class TokenLengthStats:
             p95=pct(0.95),
             p99=pct(0.99),
             skipped=dict(sorted(skipped.items())),
+            anyres=anyres,
         )
 
 
