@@ -16,8 +16,9 @@ compare against on images of many aspect ratios.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -104,25 +105,35 @@ class TileLayout:
         newlines = map_h if self.settings.newline else 0
         return self.feature_grid**2 + map_h * map_w + newlines
 
-    def tiles(self, image: Image.Image, resample: int) -> torch.Tensor:
+    def tiles(self, image: Image.Image, resample: int, resize: Resize | None = None) -> torch.Tensor:
         """The tower's input for one RGB image: ByteTensor[1 + rows * cols, 3, base, base], whole view first.
 
-        `resample` is the PIL filter of the tower's processor (bicubic for CLIP). Pixels equal transformers'
-        `LlavaNextImageProcessor` (PIL backend) before its rescale and normalise.
+        `resample` is the PIL filter of the tower's processor (bicubic for CLIP); with it the pixels equal
+        transformers' `LlavaNextImageProcessor` (PIL backend) before its rescale and normalise. `resize`, when
+        given, does both resizes instead (`images.ImageLoader` passes its torch backend this way).
         """
+        if resize is None:
+            resize = partial(pil_resize, resample=resample)
         width, height = image.size
         canvas_h, canvas_w = self.resolution(height, width)
         new_h, new_w = fitted_size(height, width, canvas_h, canvas_w)
-        resized = np.array(image.resize((new_w, new_h), resample=resample))  # [h, w, 3] uint8
-        canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)  # black padding, as LLaVA-NeXT
+        canvas = torch.zeros((3, canvas_h, canvas_w), dtype=torch.uint8)  # black padding, as LLaVA-NeXT
         top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
-        canvas[top : top + new_h, left : left + new_w] = resized
+        canvas[:, top : top + new_h, left : left + new_w] = resize(image, new_h, new_w)
         rows, cols = canvas_h // self.base, canvas_w // self.base
-        grid = torch.from_numpy(canvas).view(rows, self.base, cols, self.base, 3)  # [r, b, c, b, 3]
-        tiles = grid.permute(0, 2, 4, 1, 3).reshape(rows * cols, 3, self.base, self.base)  # row-major tiles
-        whole = np.array(image.resize((self.base, self.base), resample=resample))  # [b, b, 3]
-        whole_t = torch.from_numpy(whole).permute(2, 0, 1)[None]  # [1, 3, b, b]
-        return torch.cat([whole_t, tiles], dim=0).contiguous()  # [1 + r*c, 3, b, b] uint8
+        grid = canvas.view(3, rows, self.base, cols, self.base)  # [3, r, b, c, b]
+        tiles = grid.permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, self.base, self.base)  # row-major tiles
+        whole = resize(image, self.base, self.base)[None]  # [1, 3, b, b]
+        return torch.cat([whole, tiles], dim=0).contiguous()  # [1 + r*c, 3, b, b] uint8
+
+
+Resize = Callable[[Image.Image, int, int], torch.Tensor]
+"""An RGB image resized to (height, width): ByteTensor[3, height, width]."""
+
+
+def pil_resize(image: Image.Image, height: int, width: int, *, resample: int) -> torch.Tensor:
+    """`image` resized with PIL's filter `resample` (the image processors' own resize): ByteTensor[3, h, w]."""
+    return torch.from_numpy(np.array(image.resize((width, height), resample=resample))).permute(2, 0, 1)
 
 
 def select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:

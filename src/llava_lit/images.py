@@ -19,6 +19,7 @@ import re
 import typing
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from llava_lit.image_tiling import TileLayout
+from llava_lit.image_tiling import TileLayout, pil_resize
 
 AspectMode = Literal["pad", "crop", "resize", "anyres"]
 PixelOutput = Literal["uint8", "normalized"]
@@ -219,16 +220,10 @@ def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry, backend: st
     it is. The crop takes rows/columns from `(size - crop) // 2` and pads with
     zeros where the image is smaller, as transformers' `center_crop` does.
     """
-    height, width = image.height, image.width
-    new_h, new_w = geometry.resized_size(height, width)
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8, channels-last
-    if (new_h, new_w) != (height, width):
-        if backend == "torch" and geometry.resample in _TORCH_MODES:
-            mode = _TORCH_MODES[geometry.resample]
-            pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode=mode, antialias=True)[0]
-        else:
-            image = image.resize((new_w, new_h), resample=geometry.resample)
-            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H', W'] uint8
+    new_h, new_w = geometry.resized_size(image.height, image.width)
+    pixels = resize_uint8(
+        image, new_h, new_w, resample=geometry.resample, backend=backend
+    )  # [3, H', W'] uint8
     if geometry.crop_hw is None:
         return pixels
     crop_h, crop_w = geometry.crop_hw
@@ -246,6 +241,24 @@ def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry, backend: st
 
 _TORCH_MODES = {2: "bilinear", 3: "bicubic"}
 """PIL resample ids torch's antialiased uint8 resize has a counterpart for."""
+
+
+def resize_uint8(
+    image: Image.Image, height: int, width: int, *, resample: int, backend: str = "pil"
+) -> torch.Tensor:
+    """An RGB image resized to (height, width) with PIL's filter `resample`: ByteTensor[3, height, width].
+
+    `backend="torch"` uses torch's uint8 antialiased kernel for the filters it has (`_TORCH_MODES`), PIL for the
+    others. An image already at that size is returned as it is.
+    """
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8, channels-last
+    if (height, width) == (image.height, image.width):
+        return pixels
+    if backend == "torch" and resample in _TORCH_MODES:
+        return F.interpolate(pixels[None], size=(height, width), mode=_TORCH_MODES[resample], antialias=True)[
+            0
+        ]
+    return pil_resize(image, height, width, resample=resample)
 
 
 def pixel_table(image_processor: Any) -> torch.Tensor:
@@ -308,8 +321,8 @@ class ImageLoader:
     workers); `normalized`: FloatTensor pixels as the processor returns them."""
     resize: ResizeBackend = "pil"
     """`pil`: the processor's PIL resize, bit for bit (and the official LLaVA pixels); `torch`: torch's uint8
-    antialiased resize, about 3x faster, within a couple of 8-bit levels of PIL on under 1 % of the pixels.
-    AnyRes tiles are always resized with PIL."""
+    antialiased resize, about 3x faster, within a couple of 8-bit levels of PIL on under 1 % of the pixels. Both
+    apply to AnyRes tiles and whole views alike."""
     tile_layout: TileLayout | None = None
     """The AnyRes tiling (from the model, `LlavaModel.tile_layout`); needed with `aspect="anyres"` only."""
 
@@ -357,7 +370,10 @@ class ImageLoader:
         """Preprocess one decoded RGB image: [3, H, W] (AnyRes: [1 + tiles, 3, H, W]), uint8 or float32 (see
         `output`)."""
         if self.tile_layout is not None:
-            tiles = self.tile_layout.tiles(image, self._geometry.resample)  # [1 + tiles, 3, H, W] uint8
+            resize = partial(resize_uint8, resample=self._geometry.resample, backend=self.resize)
+            tiles = self.tile_layout.tiles(
+                image, self._geometry.resample, resize
+            )  # [1 + tiles, 3, H, W] uint8
             return tiles if self.output == "uint8" else normalize_pixels(tiles, self._table)
         image = self.prepare(image)
         if self._geometry is not None and self._table is not None:
