@@ -200,6 +200,32 @@ def test_lora_experiments_are_the_finetune_recipe_with_the_official_lora_setting
     assert qlora.module.lora.r == 128 and qlora.optimizer.lr == 2e-4
 
 
+def test_world_lora_experiments_change_only_the_adapters_and_learning_rates(tmp_path):
+    """The world's LoRA and QLoRA finetunes differ from its full finetune in the LoRA settings, the learning rates,
+    the run name and the shared stage-1 projector only, so the three are comparable on the same data."""
+    full, lora, qlora = (
+        OmegaConf.to_container(_compose("train", ["stage=finetune", *extra], tmp_path), resolve=False)
+        for extra in ([], ["experiment=world_lora"], ["experiment=world_qlora"])
+    )
+    assert (
+        lora["module"]["lora"]["enabled"],
+        lora["module"]["lora"]["r"],
+        lora["module"]["lora"]["alpha"],
+    ) == (
+        True,
+        16,
+        32,
+    )
+    assert qlora["module"]["lora"] == {**lora["module"]["lora"], "quantize": "nf4"}
+    assert lora["init_projector"] == "${paths.output_root}/world/align/checkpoints/projector.safetensors"
+    for cfg in (full, lora, qlora):
+        for key in ("lora", "projector_lr"):
+            cfg["module"].pop(key)
+        for key in ("learning_rate", "run_name", "init_projector", "hydra"):
+            cfg.pop(key, None)
+    assert full == lora == qlora
+
+
 def test_the_stage_alone_trains_on_the_world(tmp_path):
     """Without `data=`, each stage takes the world's data of that stage; the finetune adds its sample answers."""
     align = _compose("train", [], tmp_path)
