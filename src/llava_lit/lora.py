@@ -163,9 +163,27 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> None:
         raise ValueError("the language model already has adapters")
     if getattr(language_model, "is_loaded_in_4bit", False):
         language_model = prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=False)
+        keep_nf4_layout(language_model)
     model.language_model = get_peft_model(language_model, peft_config(settings))
     trainable = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
     log.info("LoRA r=%d alpha=%d: %s adapter parameters", settings.r, settings.alpha, f"{trainable:,}")
+
+
+def keep_nf4_layout(language_model: nn.Module) -> int:
+    """Keep every 4-bit layer's weight in the layout it was quantized in; returns how many layers there are.
+
+    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit` repacks its weight and quantization state in place for
+    its CPU inference kernel the first time it runs in eval mode on an input without gradients, which is what
+    validation does between training steps. A compiled decoder layer cannot trace that mutation (the run stops at
+    its first validation), and the training steps after it would run on the inference layout. With the repacking
+    off, training and validation compute with the same dequantized weights on every CPU.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def is_wrapped(language_model: nn.Module) -> bool:

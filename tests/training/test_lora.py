@@ -150,6 +150,25 @@ def test_qlora_trains_over_a_4bit_base_and_loads_merged(compose_train):
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
 
 
+def test_qlora_evaluation_leaves_the_4bit_weights_in_their_training_layout(compose_train):
+    """An eval-mode forward without gradients (validation between QLoRA steps) leaves every 4-bit weight as it was
+    quantized: bitsandbytes would otherwise repack it in place for its CPU inference kernel on CPUs with
+    AVX512-BF16, which compiled decoder layers cannot trace and later training steps would run on."""
+    bnb = pytest.importorskip("bitsandbytes")
+    cfg = compose_train(*LORA, "module.lora.quantize=nf4", stage="finetune")
+    module, _ = build_components(cfg)
+    module.configure_model()
+    linear4 = [m for m in module.model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [m.weight.data.clone() for m in linear4]
+    module.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        module.model(**_batch(module))
+    assert linear4 and not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linear4
+    )
+    assert all(torch.equal(m.weight.data, w) for m, w in zip(linear4, before, strict=True))
+
+
 @pytest.mark.parametrize(
     ("overrides", "stage", "message"),
     [
