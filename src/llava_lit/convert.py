@@ -300,10 +300,10 @@ def convert(
 
     With a tokenizer, the manifest also holds token-length statistics for `template` (with `system_prompt` in
     place of its own, when given; image markers expanded to `num_image_tokens`, or with `tile_layout` to each
-    image's AnyRes token count) and how many samples that template would skip. `out_dir` is replaced as a whole once the new shards and manifest are complete (see
-    the module docstring for what it may hold and what is refused with `ConvertError`). With `pre_resize`, images
-    are stored resized to that many pixels square in `image_aspect` mode (see the module docstring). Returns the
-    manifest.
+    image's AnyRes token count) and how many samples that template would skip. `out_dir` is replaced as a whole
+    once the new shards and manifest are complete (see the module docstring for what it may hold and what is
+    refused with `ConvertError`). With `pre_resize`, images are stored resized to that many pixels square in
+    `image_aspect` mode (see the module docstring). Returns the manifest.
     """
     out = Path(out_dir).resolve()  # a symlinked `out`: the folder it points to is replaced, the link stays
     check_out_dir(out)

@@ -16,12 +16,12 @@ compare against on images of many aspect ratios.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
@@ -105,35 +105,48 @@ class TileLayout:
         newlines = map_h if self.settings.newline else 0
         return self.feature_grid**2 + map_h * map_w + newlines
 
-    def tiles(self, image: Image.Image, resample: int, resize: Resize | None = None) -> torch.Tensor:
+    def tiles(self, image: Image.Image, resample: int, backend: str = "pil") -> torch.Tensor:
         """The tower's input for one RGB image: ByteTensor[1 + rows * cols, 3, base, base], whole view first.
 
-        `resample` is the PIL filter of the tower's processor (bicubic for CLIP); with it the pixels equal
-        transformers' `LlavaNextImageProcessor` (PIL backend) before its rescale and normalise. `resize`, when
-        given, does both resizes instead (`images.ImageLoader` passes its torch backend this way).
+        `resample` is the PIL filter of the tower's processor (bicubic for CLIP) and `backend` the resize that
+        applies it (`resize_uint8`); with `pil` the pixels equal transformers' `LlavaNextImageProcessor` (PIL
+        backend) before its rescale and normalise.
         """
-        if resize is None:
-            resize = partial(pil_resize, resample=resample)
         width, height = image.size
         canvas_h, canvas_w = self.resolution(height, width)
         new_h, new_w = fitted_size(height, width, canvas_h, canvas_w)
         canvas = torch.zeros((3, canvas_h, canvas_w), dtype=torch.uint8)  # black padding, as LLaVA-NeXT
         top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
-        canvas[:, top : top + new_h, left : left + new_w] = resize(image, new_h, new_w)
+        fitted = resize_uint8(image, new_h, new_w, resample=resample, backend=backend)  # [3, h, w]
+        canvas[:, top : top + new_h, left : left + new_w] = fitted
         rows, cols = canvas_h // self.base, canvas_w // self.base
         grid = canvas.view(3, rows, self.base, cols, self.base)  # [3, r, b, c, b]
         tiles = grid.permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, self.base, self.base)  # row-major tiles
-        whole = resize(image, self.base, self.base)[None]  # [1, 3, b, b]
-        return torch.cat([whole, tiles], dim=0).contiguous()  # [1 + r*c, 3, b, b] uint8
+        whole = resize_uint8(image, self.base, self.base, resample=resample, backend=backend)  # [3, b, b]
+        return torch.cat([whole[None], tiles], dim=0).contiguous()  # [1 + r*c, 3, b, b] uint8
 
 
-Resize = Callable[[Image.Image, int, int], torch.Tensor]
-"""An RGB image resized to (height, width): ByteTensor[3, height, width]."""
+TORCH_RESIZE_MODES = {2: "bilinear", 3: "bicubic"}
+"""PIL resample ids torch's antialiased uint8 resize has a counterpart for."""
 
 
-def pil_resize(image: Image.Image, height: int, width: int, *, resample: int) -> torch.Tensor:
-    """`image` resized with PIL's filter `resample` (the image processors' own resize): ByteTensor[3, h, w]."""
-    return torch.from_numpy(np.array(image.resize((width, height), resample=resample))).permute(2, 0, 1)
+def resize_uint8(
+    image: Image.Image, height: int, width: int, *, resample: int, backend: str = "pil"
+) -> torch.Tensor:
+    """An RGB image resized to (height, width) with PIL's filter `resample`: ByteTensor[3, height, width].
+
+    `backend="pil"` is the image processors' own resize, bit for bit; `"torch"` uses torch's uint8 antialiased
+    kernel for the filters it has (`TORCH_RESIZE_MODES`) and PIL for the others. An image already at that size
+    is returned as it is.
+    """
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8, channels-last
+    if (height, width) == (image.height, image.width):
+        return pixels
+    if backend == "torch" and resample in TORCH_RESIZE_MODES:
+        mode = TORCH_RESIZE_MODES[resample]
+        return F.interpolate(pixels[None], size=(height, width), mode=mode, antialias=True)[0]
+    resized = image.resize((width, height), resample=resample)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 
 def select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -19,15 +19,13 @@ import re
 import typing
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from llava_lit.image_tiling import TileLayout, pil_resize
+from llava_lit.image_tiling import TileLayout, resize_uint8
 
 AspectMode = Literal["pad", "crop", "resize", "anyres"]
 PixelOutput = Literal["uint8", "normalized"]
@@ -221,9 +219,7 @@ def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry, backend: st
     zeros where the image is smaller, as transformers' `center_crop` does.
     """
     new_h, new_w = geometry.resized_size(image.height, image.width)
-    pixels = resize_uint8(
-        image, new_h, new_w, resample=geometry.resample, backend=backend
-    )  # [3, H', W'] uint8
+    pixels = resize_uint8(image, new_h, new_w, resample=geometry.resample, backend=backend)  # [3, H', W']
     if geometry.crop_hw is None:
         return pixels
     crop_h, crop_w = geometry.crop_hw
@@ -237,28 +233,6 @@ def resize_and_crop(image: Image.Image, geometry: ProcessorGeometry, backend: st
     canvas[:, pad_top : pad_top + new_h, pad_left : pad_left + new_w] = pixels
     top, left = top + pad_top, left + pad_left
     return canvas[:, max(0, top) : top + crop_h, max(0, left) : left + crop_w]
-
-
-_TORCH_MODES = {2: "bilinear", 3: "bicubic"}
-"""PIL resample ids torch's antialiased uint8 resize has a counterpart for."""
-
-
-def resize_uint8(
-    image: Image.Image, height: int, width: int, *, resample: int, backend: str = "pil"
-) -> torch.Tensor:
-    """An RGB image resized to (height, width) with PIL's filter `resample`: ByteTensor[3, height, width].
-
-    `backend="torch"` uses torch's uint8 antialiased kernel for the filters it has (`_TORCH_MODES`), PIL for the
-    others. An image already at that size is returned as it is.
-    """
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] uint8, channels-last
-    if (height, width) == (image.height, image.width):
-        return pixels
-    if backend == "torch" and resample in _TORCH_MODES:
-        return F.interpolate(pixels[None], size=(height, width), mode=_TORCH_MODES[resample], antialias=True)[
-            0
-        ]
-    return pil_resize(image, height, width, resample=resample)
 
 
 def pixel_table(image_processor: Any) -> torch.Tensor:
@@ -370,10 +344,8 @@ class ImageLoader:
         """Preprocess one decoded RGB image: [3, H, W] (AnyRes: [1 + tiles, 3, H, W]), uint8 or float32 (see
         `output`)."""
         if self.tile_layout is not None:
-            resize = partial(resize_uint8, resample=self._geometry.resample, backend=self.resize)
-            tiles = self.tile_layout.tiles(
-                image, self._geometry.resample, resize
-            )  # [1 + tiles, 3, H, W] uint8
+            # [1 + tiles, 3, H, W] uint8, resized with this loader's backend
+            tiles = self.tile_layout.tiles(image, self._geometry.resample, self.resize)
             return tiles if self.output == "uint8" else normalize_pixels(tiles, self._table)
         image = self.prepare(image)
         if self._geometry is not None and self._table is not None:

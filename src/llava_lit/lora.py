@@ -169,8 +169,8 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> None:
     log.info("LoRA r=%d alpha=%d: %s adapter parameters", settings.r, settings.alpha, f"{trainable:,}")
 
 
-def keep_nf4_layout(language_model: nn.Module) -> int:
-    """Keep every 4-bit layer's weight in the layout it was quantized in; returns how many layers there are.
+def keep_nf4_layout(language_model: nn.Module) -> None:
+    """Keep every 4-bit layer's weight in the layout it was quantized in.
 
     On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit` repacks its weight and quantization state in place for
     its CPU inference kernel the first time it runs in eval mode on an input without gradients, which is what
@@ -180,10 +180,9 @@ def keep_nf4_layout(language_model: nn.Module) -> int:
     """
     import bitsandbytes as bnb
 
-    layers = [m for m in language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
+    for layer in language_model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
 
 
 def is_wrapped(language_model: nn.Module) -> bool:

@@ -207,15 +207,8 @@ def test_world_lora_experiments_change_only_the_adapters_and_learning_rates(tmp_
         OmegaConf.to_container(_compose("train", ["stage=finetune", *extra], tmp_path), resolve=False)
         for extra in ([], ["experiment=world_lora"], ["experiment=world_qlora"])
     )
-    assert (
-        lora["module"]["lora"]["enabled"],
-        lora["module"]["lora"]["r"],
-        lora["module"]["lora"]["alpha"],
-    ) == (
-        True,
-        16,
-        32,
-    )
+    settings = lora["module"]["lora"]
+    assert (settings["enabled"], settings["r"], settings["alpha"]) == (True, 16, 32)
     assert qlora["module"]["lora"] == {**lora["module"]["lora"], "quantize": "nf4"}
     assert lora["init_projector"] == "${paths.output_root}/world/align/checkpoints/projector.safetensors"
     for cfg in (full, lora, qlora):
